@@ -296,7 +296,7 @@ def _run_phases(
                 file=sys.stderr,
             )
             tokenizer_bytes = train_tokenizer(
-                units,
+                sources,
                 vocab_size,
                 args.model_type,
                 int(args.tokenizer_sample_mb * 1e6),
@@ -304,7 +304,6 @@ def _run_phases(
                 args.text_field,
                 args.character_coverage,
                 args.byte_fallback,
-                args.workers,
             )
         _write_vocab(os.path.join(out, "tokenizer.vocab"), tokenizer_bytes)
         write_atomic(model_path, tokenizer_bytes)

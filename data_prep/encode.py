@@ -72,7 +72,7 @@ class _Stream:
 
     def __init__(self, path: str, dtype: str) -> None:
         self.final, self.tmp = path, f"{path}.tmp-{os.getpid()}"
-        self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in close/discard)
+        self.file = open(self.tmp, "wb")  # closed in close() or discard()
         self.dtype = np.dtype(dtype)
         self.pending: list[list[int]] = []
         self.pending_tokens = 0

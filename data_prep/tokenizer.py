@@ -9,17 +9,21 @@ which is why every consumer reads the ids from the manifest.
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import random
 from collections.abc import Iterator
 
 from data_prep.errors import DataPrepError
-from data_prep.sources import Unit, Utf8Counter, iter_documents
+from data_prep.sources import Source, Utf8Counter, iter_documents, plan_units
 
 SPECIAL_PIECES = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 # SentencePiece skips training sentences over 4192 bytes; longer lines are cut at spaces.
 _MAX_SENTENCE_CHARS = 1000
+# SentencePiece's result depends on its thread count, so it is fixed (not --workers):
+# the same inputs give the same tokenizer on any machine.
+TRAIN_THREADS = 8
+# The sample is drawn from pieces of this size, cut independently of the encode units.
+SAMPLE_PIECE_BYTES = 1 << 20
 
 
 def special_ids(model_bytes: bytes, source: str) -> dict[str, int]:
@@ -48,9 +52,11 @@ def special_ids(model_bytes: bytes, source: str) -> dict[str, int]:
 
 
 def sample_documents(
-    units: list[Unit], budget_bytes: int, seed: int, text_field: str
+    sources: list[Source], budget_bytes: int, seed: int, text_field: str
 ) -> Iterator[str]:
-    """Documents from units taken in a seeded random order until ``budget_bytes``."""
+    """Documents from ~1 MB pieces of the corpus, taken in a seeded random order until
+    ``budget_bytes``."""
+    units = plan_units(sources, SAMPLE_PIECE_BYTES)
     order = list(range(len(units)))
     random.Random(seed).shuffle(order)
     taken = 0
@@ -65,7 +71,7 @@ def sample_documents(
 
 
 def train_tokenizer(
-    units: list[Unit],
+    sources: list[Source],
     vocab_size: int,
     model_type: str,
     sample_bytes: int,
@@ -73,25 +79,25 @@ def train_tokenizer(
     text_field: str,
     character_coverage: float,
     byte_fallback: bool,
-    threads: int,
 ) -> bytes:
     """Train a SentencePiece model on a sample of the corpus; return its bytes."""
     import sentencepiece as spm
 
-    docs = sample_documents(units, sample_bytes, seed, text_field)
-    first = next(docs, None)
-    if first is None:
+    # the sample is read before training starts, so that bad input surfaces as our error
+    # rather than inside SentencePiece's iterator (bounded by budget_bytes)
+    sentences = [
+        piece
+        for doc in sample_documents(sources, sample_bytes, seed, text_field)
+        for line in doc.split("\n")
+        for piece in _cut(line.strip())
+    ]
+    if not sentences:
         raise DataPrepError("the inputs hold no text (every file is empty or whitespace)")
-
-    def sentences() -> Iterator[str]:
-        for doc in itertools.chain([first], docs):
-            for line in doc.split("\n"):
-                yield from _cut(line.strip())
 
     out = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(),
+            sentence_iterator=iter(sentences),
             model_writer=out,
             model_type=model_type,
             vocab_size=vocab_size,
@@ -106,7 +112,7 @@ def train_tokenizer(
             bos_piece=SPECIAL_PIECES["cls"],
             eos_piece=SPECIAL_PIECES["sep"],
             control_symbols=[SPECIAL_PIECES["mask"]],
-            num_threads=max(1, threads),
+            num_threads=TRAIN_THREADS,
             minloglevel=2,
         )
     except RuntimeError as e:

@@ -32,7 +32,7 @@ from data_prep.builtin_corpus import builtin_name, fingerprint, write_builtin
 from data_prep.encode import SPLITS, EncodeSettings, encode_unit, init_worker, unit_done, unit_paths
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST, SpecialTokens, write_manifest
-from data_prep.pack import Packer, ShardWriter, pack_split, write_atomic, write_token_counts
+from data_prep.pack import Packer, ShardWriter, write_atomic, write_token_counts
 from data_prep.sources import Source, plan_units, resolve_inputs
 from data_prep.tokenizer import load_tokenizer_file, special_ids, train_tokenizer
 
@@ -310,15 +310,11 @@ def _run_phases(
     special = SpecialTokens(**special_ids(tokenizer_bytes, model_path))
     dtype = "uint16" if vocab_size <= 65535 else "uint32"
 
-    # Phase 2: encode units in parallel
+    # Phases 2 and 3: workers encode units while this process packs them, in corpus order
     enc = EncodeSettings(work, args.text_field, args.seed, args.valid_fraction, dtype, special.sep)
-    stats = _encode_all(units, enc, tokenizer_bytes, args.workers, total_bytes)
-
-    # Phase 3: pack into shards
-    splits, counts = {}, None
-    for split in SPLITS:
-        packer = Packer(args.seq_len, dtype, special.cls, special.pad)
-        writer = ShardWriter(
+    packers = {split: Packer(args.seq_len, dtype, special.cls, special.pad) for split in SPLITS}
+    writers = {
+        split: ShardWriter(
             out,
             split,
             args.seq_len,
@@ -326,16 +322,25 @@ def _run_phases(
             special.pad,
             vocab_size if split == "train" else None,
         )
-        streams = (np.fromfile(unit_paths(work, u.index)[split], dtype=dtype) for u in units)
-        shards = pack_split(streams, packer, writer)
+        for split in SPLITS
+    }
+    stats = []
+    for st in _encode_in_order(units, enc, tokenizer_bytes, args.workers, total_bytes):
+        stats.append(st)
+        for split in SPLITS:
+            tokens = np.fromfile(unit_paths(work, st["unit"])[split], dtype=dtype)
+            writers[split].add(packers[split].feed(tokens))
+    splits = {}
+    for split in SPLITS:
+        writers[split].add(packers[split].finish())
+        shards = writers[split].close()
         splits[split] = {
             "rows": sum(s.rows for s in shards),
             "tokens": sum(s.tokens for s in shards),
             "docs": sum(st["docs"][split] for st in stats),
             "shards": [vars(s) for s in shards],
         }
-        if split == "train":
-            counts = writer.counts
+    counts = writers["train"].counts
     counts_sha = write_token_counts(os.path.join(out, "token_counts.arrow"), counts)
 
     manifest = {
@@ -376,11 +381,11 @@ def _write_vocab(path: str, model_bytes: bytes) -> None:
     write_atomic(path, "".join(lines).encode())
 
 
-def _encode_all(units, enc: EncodeSettings, model_bytes: bytes, workers: int, total_bytes: int):
-    """Encode every unit not yet done; return all units' stats in unit order."""
-    stats = {u.index: unit_done(enc.work_dir, u.index) for u in units}
-    todo = [u for u in units if stats[u.index] is None]
-    done_bytes = sum(u.nbytes for u in units if stats[u.index] is not None)
+def _encode_in_order(
+    units, enc: EncodeSettings, model_bytes: bytes, workers: int, total_bytes: int
+):
+    """Yield every unit's stats in unit order, encoding those not done yet in parallel."""
+    done_bytes = sum(u.nbytes for u in units if unit_done(enc.work_dir, u.index) is not None)
     bar = tqdm(
         total=total_bytes,
         initial=done_bytes,
@@ -391,31 +396,26 @@ def _encode_all(units, enc: EncodeSettings, model_bytes: bytes, workers: int, to
         file=sys.stderr,
     )
     tokens, t0 = 0, time.time()
-
-    def record(st: dict) -> None:
-        nonlocal tokens
-        stats[st["unit"]] = st
-        tokens += sum(st["tokens"].values())
-        bar.update(st["bytes"])
-        bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False)
-
-    if todo and workers == 1:
+    if workers == 1:
         init_worker(model_bytes)
-        for u in todo:
-            record(encode_unit(u, enc))
-    elif todo:
+        results = (encode_unit(u, enc) for u in units)
+        pool = None
+    else:
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(
-            min(workers, len(todo)), initializer=init_worker, initargs=(model_bytes,)
-        ) as pool:
-            try:
-                for st in pool.imap_unordered(_encode_job, [(u, enc) for u in todo]):
-                    record(st)
-            except BaseException:
-                pool.terminate()
-                raise
-    bar.close()
-    return [stats[u.index] for u in units]
+        pool = ctx.Pool(min(workers, len(units)), initializer=init_worker, initargs=(model_bytes,))
+        results = pool.imap(_encode_job, [(u, enc) for u in units])
+    try:
+        for st in results:
+            tokens += sum(st["tokens"].values())
+            bar.update(st["bytes"])
+            bar.set_postfix_str(
+                f"{tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False
+            )
+            yield st
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
 
 
 def _encode_job(job):

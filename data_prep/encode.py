@@ -21,9 +21,8 @@ from data_prep.sources import Unit, Utf8Counter, iter_documents
 
 SPLITS = ("train", "valid")
 _BATCH_CHARS = 1 << 20  # documents encoded per SentencePiece call, by size
-_FLUSH_TOKENS = 1 << 20
 
-_sp = None  # this worker's SentencePieceProcessor
+_sp = None  # this worker's SentencePieceProcessor (one thread: workers are processes)
 
 
 @dataclass(frozen=True)
@@ -57,53 +56,40 @@ def init_worker(model_bytes: bytes) -> None:
     _sp = spm.SentencePieceProcessor(model_proto=model_bytes)
 
 
-def in_valid_split(text: str, seed: int, valid_fraction: float) -> bool:
-    """Whether a document belongs to the validation split (keyed hash of its text)."""
+def valid_flags(texts: list[str], seed: int, valid_fraction: float) -> np.ndarray:
+    """Which documents belong to the validation split: a keyed hash of each text under
+    ``valid_fraction``. bool [len(texts)]."""
     if valid_fraction <= 0:
-        return False
-    digest = hashlib.blake2b(
-        text.encode("utf-8", "surrogatepass"), digest_size=8, key=seed.to_bytes(8, "little")
-    ).digest()
-    return int.from_bytes(digest, "little") < valid_fraction * 2.0**64
+        return np.zeros(len(texts), bool)
+    key, limit = seed.to_bytes(8, "little"), valid_fraction * 2.0**64
+    return np.fromiter(
+        (
+            int.from_bytes(_blake2b(t.encode("utf-8", "surrogatepass"), key).digest(), "little")
+            < limit
+            for t in texts
+        ),
+        bool,
+        len(texts),
+    )
 
 
-class _Stream:
-    """A split's token stream of one unit, flushed to a temporary file as it grows."""
+def _blake2b(data: bytes, key: bytes):
+    return hashlib.blake2b(data, digest_size=8, key=key)
 
-    def __init__(self, path: str, dtype: str) -> None:
-        self.final, self.tmp = path, f"{path}.tmp-{os.getpid()}"
-        self.file = open(self.tmp, "wb")  # closed in close() or discard()
-        self.dtype = np.dtype(dtype)
-        self.pending: list[list[int]] = []
-        self.pending_tokens = 0
-        self.docs = self.tokens = 0
 
-    def add(self, ids: list[int], sep_id: int) -> None:
-        ids.append(sep_id)
-        self.pending.append(ids)
-        self.pending_tokens += len(ids)
-        self.docs += 1
-        if self.pending_tokens >= _FLUSH_TOKENS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            flat = np.fromiter(
-                itertools.chain.from_iterable(self.pending), self.dtype, self.pending_tokens
-            )
-            self.file.write(flat.tobytes())
-            self.tokens += self.pending_tokens
-            self.pending, self.pending_tokens = [], 0
-
-    def close(self) -> None:
-        self.flush()
-        self.file.close()
-        os.replace(self.tmp, self.final)
-
-    def discard(self) -> None:
-        self.file.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+def with_separators(
+    encoded: list[list[int]], sep_id: int, dtype: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten encoded documents, each followed by [SEP]. Returns (tokens, lengths), where
+    lengths counts each document's [SEP]."""
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded)) + 1
+    tokens = np.full(int(lengths.sum()), sep_id, dtype)
+    is_text = np.ones(len(tokens), bool)
+    is_text[np.cumsum(lengths) - 1] = False
+    tokens[is_text] = np.fromiter(
+        itertools.chain.from_iterable(encoded), dtype, len(tokens) - len(encoded)
+    )
+    return tokens, lengths
 
 
 def encode_unit(unit: Unit, settings: EncodeSettings) -> dict:
@@ -112,21 +98,29 @@ def encode_unit(unit: Unit, settings: EncodeSettings) -> dict:
     if done is not None:
         return done
     paths = unit_paths(settings.work_dir, unit.index)
-    streams = {s: _Stream(paths[s], settings.dtype) for s in SPLITS}
+    tmp = {s: f"{paths[s]}.tmp-{os.getpid()}" for s in SPLITS}
+    files = {s: open(tmp[s], "wb") for s in SPLITS}  # closed below
+    docs = dict.fromkeys(SPLITS, 0)
+    tokens = dict.fromkeys(SPLITS, 0)
     utf8 = Utf8Counter()
     chars = 0
     batch: list[str] = []
-    batch_chars = 0
 
     def encode_batch() -> None:
-        for text, ids in zip(batch, _sp.encode(batch, out_type=int)):
-            split = (
-                "valid" if in_valid_split(text, settings.seed, settings.valid_fraction) else "train"
-            )
-            streams[split].add(ids, settings.sep_id)
+        flat, lengths = with_separators(
+            _sp.encode(batch, out_type=int, num_threads=1), settings.sep_id, settings.dtype
+        )
+        valid = valid_flags(batch, settings.seed, settings.valid_fraction)
+        in_valid = np.repeat(valid, lengths)
+        for split, mask in (("train", ~in_valid), ("valid", in_valid)):
+            part = flat[mask]
+            files[split].write(part.tobytes())
+            tokens[split] += len(part)
+            docs[split] += int(np.count_nonzero(~valid if split == "train" else valid))
         batch.clear()
 
     try:
+        batch_chars = 0
         for segment in unit.segments:
             for doc in iter_documents(segment, settings.text_field, utf8):
                 batch.append(doc)
@@ -137,19 +131,22 @@ def encode_unit(unit: Unit, settings: EncodeSettings) -> dict:
                     batch_chars = 0
         if batch:
             encode_batch()
-        for stream in streams.values():
-            stream.close()
+        for split in SPLITS:
+            files[split].close()
+            os.replace(tmp[split], paths[split])
     except BaseException:
-        for stream in streams.values():
-            stream.discard()
+        for split in SPLITS:
+            files[split].close()
+            if os.path.exists(tmp[split]):
+                os.remove(tmp[split])
         raise
     stats = {
         "unit": unit.index,
         "bytes": unit.nbytes,
         "chars": chars,
         "invalid_utf8": utf8.replaced,
-        "docs": {s: streams[s].docs for s in SPLITS},
-        "tokens": {s: streams[s].tokens for s in SPLITS},
+        "docs": docs,
+        "tokens": tokens,
     }
     tmp = f"{paths['stats']}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

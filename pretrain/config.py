@@ -1,0 +1,256 @@
+"""The run's own configuration, and the DeepSpeed JSON it is paired with.
+
+Ownership (nothing is set in two places):
+
+- the DeepSpeed JSON (``--deepspeed_config``) owns batch sizes, gradient accumulation,
+  optimizer, LR schedule, precision, ZeRO stage and monitors;
+- :class:`RunConfig` owns the model, the data, token dropping, the step count and the
+  evaluation / checkpoint schedule.
+
+Two DeepSpeed fields derive from the run and are filled in here when absent (and must
+agree when present): the scheduler's ``total_num_steps`` (= ``--train-steps``) and the
+TensorBoard ``output_path`` (= RUN_DIR). The resolved pair is written to
+``RUN_DIR/config.json`` and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+from data_prep.errors import DataPrepError
+from data_prep.manifest import Manifest, load_manifest
+from pretrain.importance import STRATEGIES
+from pretrain.model import PRESETS, ModelConfig, num_kept_tokens
+
+
+class ConfigError(Exception):
+    """A bad setting, found before any heavy work: printed as one line, exit code 2."""
+
+
+@dataclass
+class RunConfig:
+    """Everything about a run that is not DeepSpeed's (see the module docstring)."""
+
+    data: str  # DATA_DIR made by data_prep
+    output: str  # RUN_DIR
+    deepspeed_config: str
+    model: str = "bert-base"  # preset name or a JSON file of ModelConfig fields
+    train_steps: int = 1000  # optimizer steps of the whole schedule
+    token_drop: str = "loss_ema"
+    keep_ratio: float = 0.5
+    dropout: float | None = None  # None: the model config's
+    ema_beta: float = 0.995
+    full_seq_final: str = "0"  # last steps without dropping: "N" steps or "P%" of train_steps
+    pipeline_stages: int = 1
+    resume: str | None = None  # None: fresh (refused if RUN_DIR has checkpoints); auto; PATH
+    stop_at_step: int | None = None  # checkpoint and exit 0 here; the schedule stays train_steps
+    seed: int = 1234
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 10  # validation micro-batches per data-parallel rank
+    save_every: int = 500  # 0: only at the end (and on signals / --stop-at-step)
+    log_every: int = 1
+
+    @property
+    def full_seq_steps(self) -> int:
+        value = self.full_seq_final.strip()
+        if value.endswith("%"):
+            return round(float(value[:-1]) / 100 * self.train_steps)
+        return int(value)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_HELP = {
+    "data": "DATA_DIR written by python -m data_prep",
+    "output": "RUN_DIR: config.json, metrics.jsonl, checkpoints/, tensorboard/",
+    "deepspeed_config": "DeepSpeed JSON (batch sizes, optimizer, schedule, precision, ZeRO)",
+    "model": f"preset ({', '.join(PRESETS)}) or a JSON file of model config fields",
+    "train_steps": "optimizer steps of the whole schedule",
+    "token_drop": "importance strategy; none = the dense baseline",
+    "keep_ratio": "fraction of positions the middle layers keep, in (0, 1]",
+    "dropout": "hidden and attention dropout (default: the model config's, 0.1)",
+    "ema_beta": "decay of the loss_ema importance table",
+    "full_seq_final": "finish without dropping for the last N steps, or P%% of the run",
+    "pipeline_stages": "pipeline-parallel stages (1: data parallel only)",
+    "resume": "auto: continue from RUN_DIR/checkpoints/latest if any; PATH: that checkpoint",
+    "stop_at_step": "checkpoint and exit 0 at this step (the schedule stays --train-steps)",
+    "seed": "seeds the data order, masking, token selection and initialisation",
+    "eval_every": "full-sequence validation every N steps (0: only at the end)",
+    "eval_batches": "validation micro-batches per data-parallel rank",
+    "save_every": "checkpoint every N steps (0: only at the end)",
+    "log_every": "metrics.jsonl line every N steps",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain/run.py",
+        description="Pretrain a token-dropping BERT with DeepSpeed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    numeric = {"keep_ratio": float, "dropout": float, "ema_beta": float}
+    for f in fields(RunConfig):
+        flag = "--" + (f.name if f.name == "deepspeed_config" else f.name.replace("_", "-"))
+        kind = numeric.get(f.name, int if "int" in str(f.type) else str)
+        kwargs = {"help": _HELP[f.name]}
+        if f.name in ("data", "output", "deepspeed_config"):
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+        if f.name == "token_drop":
+            kwargs["choices"] = STRATEGIES
+        p.add_argument(flag, dest=f.name, type=kind, **kwargs)
+    # set by the deepspeed launcher; the rank comes from the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    args = vars(build_parser().parse_args(argv))
+    args.pop("local_rank")
+    return RunConfig(**args)
+
+
+@dataclass
+class Resolved:
+    """A checked run: the run config, the model config, the data and the DeepSpeed dict."""
+
+    run: RunConfig
+    model: ModelConfig
+    manifest: Manifest
+    deepspeed: dict
+    kept_tokens: int  # K
+
+    def to_dict(self) -> dict:
+        return {
+            "run": self.run.to_dict(),
+            "model": self.model.to_dict(),
+            "data": {
+                "dir": self.manifest.data_dir,
+                "manifest_sha256": self.manifest.sha256,
+                "seq_len": self.manifest.seq_len,
+                "vocab_size": self.manifest.vocab_size,
+            },
+            "deepspeed": self.deepspeed,
+            "kept_tokens": self.kept_tokens,
+        }
+
+
+def resolve(run: RunConfig) -> Resolved:
+    """Check everything that can be checked without starting DeepSpeed; raise ConfigError."""
+    if not 0 < run.keep_ratio <= 1:
+        raise ConfigError(f"--keep-ratio {run.keep_ratio}: must be in (0, 1]")
+    for name in ("train_steps", "log_every", "eval_batches"):
+        if getattr(run, name) < 1:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {getattr(run, name)}: must be at least 1"
+            )
+    for name in ("eval_every", "save_every"):
+        if getattr(run, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0")
+    if run.stop_at_step is not None and not 0 < run.stop_at_step <= run.train_steps:
+        raise ConfigError(f"--stop-at-step {run.stop_at_step}: must be in [1, --train-steps]")
+    if run.pipeline_stages < 1:
+        raise ConfigError("--pipeline-stages: must be at least 1")
+    if run.dropout is not None and not 0 <= run.dropout < 1:
+        raise ConfigError(f"--dropout {run.dropout}: must be in [0, 1)")
+    try:
+        full_seq = run.full_seq_steps
+    except ValueError:
+        raise ConfigError(
+            f"--full-seq-final {run.full_seq_final!r}: give steps (200) or a percentage (10%)"
+        ) from None
+    if not 0 <= full_seq <= run.train_steps:
+        raise ConfigError(f"--full-seq-final {run.full_seq_final}: must be within --train-steps")
+    if run.resume not in (None, "auto") and not os.path.exists(run.resume):
+        raise ConfigError(f"--resume {run.resume}: no such checkpoint")
+
+    try:
+        manifest = load_manifest(run.data)
+    except DataPrepError as e:
+        raise ConfigError(f"--data: {e}") from None
+    model = _model_config(run, manifest)
+    if manifest.seq_len > model.max_position_embeddings:
+        raise ConfigError(
+            f"the data's seq_len {manifest.seq_len} exceeds the model's "
+            f"max_position_embeddings {model.max_position_embeddings}"
+        )
+    if not manifest.split("train")["rows"]:
+        raise ConfigError(f"--data {run.data}: the train split is empty")
+    kept = (
+        num_kept_tokens(manifest.seq_len, run.keep_ratio)
+        if run.token_drop != "none"
+        else manifest.seq_len
+    )
+    if run.token_drop != "none" and kept == manifest.seq_len:
+        raise ConfigError(f"--keep-ratio {run.keep_ratio} keeps every token; use --token-drop none")
+    if run.token_drop == "none" and run.keep_ratio != 0.5 and run.keep_ratio != 1:
+        raise ConfigError("--keep-ratio has no effect with --token-drop none; leave it out")
+    return Resolved(run, model, manifest, load_deepspeed_config(run), kept)
+
+
+def _model_config(run: RunConfig, manifest: Manifest) -> ModelConfig:
+    overrides = {} if run.dropout is None else {"dropout": run.dropout}
+    try:
+        if run.model in PRESETS:
+            model = ModelConfig.from_preset(run.model, vocab_size=manifest.vocab_size, **overrides)
+        elif os.path.isfile(run.model):
+            with open(run.model) as f:
+                given = json.load(f)
+            model = ModelConfig.from_json(run.model)
+            if "vocab_size" in given and given["vocab_size"] != manifest.vocab_size:
+                raise ConfigError(
+                    f"--model {run.model}: vocab_size {given['vocab_size']} does not match the "
+                    f"data's vocabulary of {manifest.vocab_size} (leave vocab_size out to take the data's)"
+                )
+            data = {**model.to_dict(), "vocab_size": manifest.vocab_size, **overrides}
+            model = ModelConfig(**data)
+        else:
+            raise ConfigError(
+                f"--model {run.model}: neither a preset ({', '.join(PRESETS)}) nor a JSON file"
+            )
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--model {run.model}: {e}") from None
+    return model
+
+
+def load_deepspeed_config(run: RunConfig) -> dict:
+    """The DeepSpeed JSON with the run-derived fields filled in (see module docstring)."""
+    path = run.deepspeed_config
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed_config {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path}: not valid JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--deepspeed_config {path}: must hold a JSON object")
+    if "train_batch_size" not in ds:
+        raise ConfigError(f"--deepspeed_config {path}: set train_batch_size (the global batch)")
+    scheduler = ds.get("scheduler", {})
+    params = scheduler.setdefault("params", {}) if scheduler else {}
+    if scheduler.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
+        given = params.get("total_num_steps")
+        if given is not None and given != run.train_steps:
+            raise ConfigError(
+                f"--deepspeed_config {path}: scheduler total_num_steps {given} differs from "
+                f"--train-steps {run.train_steps}; leave it out, --train-steps sets it"
+            )
+        params["total_num_steps"] = run.train_steps
+    board = ds.get("tensorboard")
+    if isinstance(board, dict) and board.get("enabled"):
+        board.setdefault("output_path", run.output)
+    if (ds.get("fp16", {}) or {}).get("enabled") and not _cuda():
+        raise ConfigError(f"--deepspeed_config {path}: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return ds
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

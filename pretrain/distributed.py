@@ -1,0 +1,63 @@
+"""Process-group set-up for every launcher, and the few collectives the trainer uses.
+
+Ranks come from the environment whatever started them: the ``deepspeed`` launcher and
+torchrun set RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; under ``mpirun``
+DeepSpeed's MPI discovery derives them from Open MPI's variables (through mpi4py);
+``slurm/pretrain.sbatch`` maps SLURM's. A single process with none of these runs as a
+world of one. The backend is DeepSpeed's choice: NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _under_mpi() -> bool:
+    return "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ
+
+
+def init() -> None:
+    """Initialise torch.distributed through DeepSpeed (idempotent)."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and not _under_mpi():
+        # a plain `python pretrain/run.py`: a world of one on a free local port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(auto_mpi_discovery=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float], group=None) -> list[float]:
+    """Sum a few float64 numbers over ``group`` (one small collective)."""
+    backend_device = device() if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=backend_device)
+    dist.all_reduce(t, group=group)
+    return t.tolist()

@@ -1,0 +1,288 @@
+"""The training loop: it calls the components and holds none of their detail.
+
+One optimizer step, on every rank:
+
+    for each micro-batch of this rank's slice of the global batch:
+        select the kept positions (importance table, seeded by seed/step/rank/micro-batch)
+        forward (token-dropped), backward, accumulate per-id MLM losses into the table
+    DeepSpeed's optimizer step (at the accumulation boundary)
+    one all_reduce of the table's [2, vocab] sums and counts, then the EMA update
+    one small all_reduce of the step's statistics and the stop flag
+
+The stop flag is how a SIGTERM/SIGUSR1 on any rank makes every rank checkpoint at the
+same step and exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from pretrain import checkpoint, distributed
+from pretrain.config import Resolved
+from pretrain.data import PretrainLoader, TokenShards, validation_batches
+from pretrain.importance import ImportanceTable
+from pretrain.masking import DynamicMasker
+from pretrain.metrics import MetricsLogger
+from pretrain.model import IGNORE_INDEX, BertForTokenDropPretraining
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (for per-step generators)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class Trainer:
+    def __init__(self, resolved: Resolved):
+        import deepspeed
+
+        self.resolved = resolved
+        self.cfg = resolved.run
+        self.manifest = resolved.manifest
+        special = self.manifest.special
+        self.rank = distributed.rank()
+        self.device = distributed.device()
+        self.stop_requested = False
+
+        torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
+        model = BertForTokenDropPretraining(resolved.model)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=resolved.deepspeed
+        )
+        torch.manual_seed(_mix(self.cfg.seed, self.rank))  # dropout differs per rank
+        self.dp_rank = self.engine.mpu.get_data_parallel_rank() if self.engine.mpu else self.rank
+        self.dp_size = self.engine.dp_world_size
+
+        self.table = ImportanceTable(
+            self.manifest.vocab_size,
+            self.cfg.token_drop,
+            allow_ids=(special.cls, special.sep, special.mask, special.unk),
+            deny_ids=(special.pad,),
+            beta=self.cfg.ema_beta,
+            token_counts=self.manifest.token_counts()
+            if self.cfg.token_drop == "frequency"
+            else None,
+            device=self.device,
+        )
+        self.masker = DynamicMasker(
+            special.all, special.mask, self.manifest.vocab_size, self.cfg.seed
+        )
+        self.train_shards = TokenShards(self.manifest, "train")
+        self.valid_shards = TokenShards(self.manifest, "valid")
+        self.global_batch = self.engine.train_batch_size()
+        self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
+        self.loader = PretrainLoader(
+            self.train_shards,
+            self.masker,
+            special.pad,
+            self.global_batch,
+            self.micro_batch,
+            self.dp_rank,
+            self.dp_size,
+            self.cfg.seed,
+        )
+        self.step = 0
+
+    # -- resume and checkpoints ----------------------------------------------------------
+
+    def resume(self, ref: checkpoint.CheckpointRef | None) -> None:
+        if ref is None:
+            return
+        state = checkpoint.load(self.engine, ref)
+        self.table.load_state_dict(state["importance"])
+        self.loader.load_state_dict(state)
+        self.step = int(state["step"])
+        if not os.path.isfile(os.path.join(ref.path, "rng", f"rank{self.rank:05d}.pt")):
+            # another world size: the data and table resume exactly, dropout does not
+            torch.manual_seed(_mix(self.cfg.seed, self.rank, self.step))
+
+    def save(self) -> checkpoint.CheckpointRef:
+        self.table.verify_synchronized(self._table_group())
+        config = self.resolved.to_dict()
+        client_state = {
+            "importance": self.table.state_dict(),
+            "consumed_samples": self.loader.consumed_samples,
+            "step": self.step,
+            "config": config,
+            "manifest_sha256": self.manifest.sha256,
+        }
+        run_state = {
+            "step": self.step,
+            "consumed_samples": self.loader.consumed_samples,
+            "world_size": distributed.world_size(),
+            "config": config,
+        }
+        return checkpoint.save(self.engine, self.cfg.output, self.step, client_state, run_state)
+
+    def _table_group(self):
+        return None  # data parallel only: the whole world is the data-parallel group
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def train(self) -> int:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        end = cfg.stop_at_step if cfg.stop_at_step is not None else cfg.train_steps
+        log = MetricsLogger(cfg.output, self.rank == 0, cfg.train_steps, self.step)
+        full_seq_from = cfg.train_steps - cfg.full_seq_steps
+        seq_len = self.manifest.seq_len
+        log.message(
+            f"training steps {self.step}..{end} of {cfg.train_steps}: global batch {self.global_batch} "
+            f"= micro {self.micro_batch} x accumulation {self.loader.micro_batches_per_step} x "
+            f"data parallel {self.dp_size}; token drop {cfg.token_drop}, kept "
+            f"{self.resolved.kept_tokens}/{seq_len}"
+        )
+        saved_at = self.step if self.step else None
+        stopped_by_signal = False
+        while self.step < end:
+            started = time.perf_counter()
+            drop = cfg.token_drop != "none" and self.step < full_seq_from
+            stats = self._train_step(drop)
+            self.step += 1
+            loss_sum, predictions, correct, kept_masked, stop = distributed.all_reduce_sum(
+                [*stats["local"], float(self.stop_requested)]
+            )
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": self.step,
+                "loss": loss_sum / max(predictions, 1),
+                "lr": stats["lr"],
+                "tokens_per_s": self.global_batch * seq_len / elapsed,
+                "kept_fraction": (self.resolved.kept_tokens if drop else seq_len) / seq_len,
+                "kept_masked_fraction": kept_masked / max(predictions, 1),
+                "mlm_acc": correct / max(predictions, 1),
+                "samples": self.loader.consumed_samples,
+                "step_s": elapsed,
+            }
+            if stats["grad_norm"] is not None:
+                record["grad_norm"] = stats["grad_norm"]
+            if self.step % cfg.log_every == 0 or self.step == end:
+                log.log(record)
+            log.progress(self.step, record)
+
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.train_steps:
+                val = self.evaluate()
+                if val is not None:
+                    log.log({"step": self.step, **val})
+                    log.message(
+                        f"step {self.step}: val_loss {val['val_loss']:.4f} "
+                        f"val_acc {val['val_acc']:.4f}"
+                    )
+            if stop:
+                stopped_by_signal = True
+                log.message(f"step {self.step}: stop requested by a signal; checkpointing")
+                break
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save()
+                saved_at = self.step
+        if saved_at != self.step:
+            ref = self.save()
+            log.message(f"checkpoint {ref.path}")
+        log.close()
+        if self.rank == 0:
+            why = (
+                "stopped by a signal"
+                if stopped_by_signal
+                else "stopped (--stop-at-step)"
+                if self.step < cfg.train_steps
+                else "finished"
+            )
+            print(self._where(why), file=sys.stderr)
+        return 0
+
+    def _train_step(self, drop: bool) -> dict:
+        engine, k = self.engine, self.resolved.kept_tokens
+        loss_sum = predictions = correct = kept_masked = 0.0
+        lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        for micro, batch in enumerate(self.loader.next_step()):
+            input_ids = batch.input_ids.to(self.device, non_blocking=True)
+            attention_mask = batch.attention_mask.to(self.device, non_blocking=True)
+            labels = batch.labels.to(self.device, non_blocking=True)
+            kept_idx = None
+            if drop:
+                generator = torch.Generator().manual_seed(
+                    _mix(self.cfg.seed, self.step, self.rank, micro)
+                )
+                kept_idx = self.table.select(input_ids, k, generator)  # [batch, kept]
+            out = engine(input_ids, attention_mask, labels, kept_idx)
+            engine.backward(out.loss)
+            engine.step()
+            self.table.accumulate(out.target_ids, out.token_losses)
+            loss_sum += float(out.token_losses.sum())
+            predictions += out.num_predictions
+            correct += float(out.num_correct)
+            kept_masked += self._kept_masked(labels, kept_idx)
+        self.table.synchronize_and_apply(self._table_group())
+        grad_norm = engine.get_global_grad_norm()
+        return {
+            "local": [loss_sum, predictions, correct, kept_masked],
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+        }
+
+    @staticmethod
+    def _kept_masked(labels: torch.Tensor, kept_idx: torch.Tensor | None) -> float:
+        predicted = labels != IGNORE_INDEX
+        if kept_idx is None:
+            return float(predicted.sum())
+        kept = torch.zeros_like(predicted).scatter_(1, kept_idx, True)
+        return float((kept & predicted).sum())
+
+    def evaluate(self) -> dict | None:
+        """Full-sequence validation (no dropping) on the fixed validation set."""
+        special = self.manifest.special
+        batches = validation_batches(
+            self.valid_shards,
+            self.masker,
+            special.pad,
+            self.micro_batch,
+            self.cfg.eval_batches,
+            self.dp_rank,
+            self.dp_size,
+        )
+        loss_sum = predictions = correct = 0.0
+        self.engine.eval()
+        with torch.no_grad():
+            for batch in batches:
+                out = self.engine(
+                    batch.input_ids.to(self.device),
+                    batch.attention_mask.to(self.device),
+                    batch.labels.to(self.device),
+                    None,
+                )
+                loss_sum += float(out.token_losses.sum())
+                predictions += out.num_predictions
+                correct += float(out.num_correct)
+        self.engine.train()
+        loss_sum, predictions, correct = distributed.all_reduce_sum(
+            [loss_sum, predictions, correct]
+        )
+        if not predictions:
+            return None
+        return {"val_loss": loss_sum / predictions, "val_acc": correct / predictions}
+
+    def _where(self, why: str) -> str:
+        out = self.cfg.output
+        return (
+            f"run.py: {why} at step {self.step} of {self.cfg.train_steps}\n"
+            f"  metrics      {os.path.join(out, 'metrics.jsonl')}\n"
+            f"  config       {os.path.join(out, 'config.json')}\n"
+            f"  checkpoints  {os.path.join(out, 'checkpoints')} (latest: "
+            f"{checkpoint.tag_of(self.step)})\n"
+            f"  tensorboard  {out}"
+        )

@@ -1,17 +1,42 @@
 #!/usr/bin/env bash
 # The main job end to end on the built-in corpus (Python's own docstrings): no download.
-# Outputs go under runs/demo/ (DEMO_DIR to change).
+#   1. data preparation: tokenizer + Arrow shards
+#   2. two-rank DeepSpeed training (ZeRO-2, CPU) with token dropping, stopped at step 30
+#      with a checkpoint, as a time-limited cluster job would be
+#   3. the same command with --resume auto continues to step 60
+# Outputs go under runs/demo/ (DEMO_DIR to change); a rerun starts the training afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 PYTHON=${PYTHON:-python3}
+DATA="$DEMO_DIR/data"
+RUN="$DEMO_DIR/run"
 
-echo "== 1/1 data preparation: builtin:python-docstrings -> $DEMO_DIR/data"
-"$PYTHON" -m data_prep --input builtin:python-docstrings --output "$DEMO_DIR/data" \
+echo "== 1/3 data preparation: builtin:python-docstrings -> $DATA"
+"$PYTHON" -m data_prep --input builtin:python-docstrings --output "$DATA" \
     --seq-len 128 --vocab-size 8000
-"$PYTHON" -m data_prep.inspect "$DEMO_DIR/data" --samples 2
+"$PYTHON" -m data_prep.inspect "$DATA" --samples 1
+
+rm -rf "$RUN"
+TRAIN=(pretrain/run.py --deepspeed_config ds_configs/cpu_zero2.json --data "$DATA"
+       --output "$RUN" --model tiny --train-steps 60 --token-drop loss_ema --keep-ratio 0.5
+       --eval-every 30 --save-every 0)
+echo
+echo "== 2/3 training on 2 ranks with token dropping, stopping at step 30 with a checkpoint"
+echo "   (the first DeepSpeed run on a machine compiles a communication op: about 90 s)"
+deepspeed --num_gpus 2 "${TRAIN[@]}" --stop-at-step 30 2>&1 | grep -v '^\[20'
 
 echo
+echo "== 3/3 resuming from the checkpoint to step 60"
+deepspeed --num_gpus 2 "${TRAIN[@]}" --resume auto 2>&1 | grep -v '^\[20'
+
+echo
+echo "Last metrics lines ($RUN/metrics.jsonl):"
+tail -n 3 "$RUN/metrics.jsonl"
+echo
 echo "Outputs:"
-echo "  data (tokenizer, Arrow shards, manifest): $DEMO_DIR/data"
-echo "Training (pretrain/run.py) is not part of the demo yet."
+echo "  data (tokenizer, Arrow shards, manifest)  $DATA"
+echo "  run config                                $RUN/config.json"
+echo "  metrics, one JSON line per step           $RUN/metrics.jsonl"
+echo "  checkpoints (DeepSpeed, sharded)          $RUN/checkpoints"
+echo "  TensorBoard events                        $RUN/tensorboard"

@@ -1,0 +1,195 @@
+"""pretrain/run.py for real: DeepSpeed engines on 2 gloo ranks, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from corpus import documents, write_txt
+
+from data_prep.cli import main as data_prep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(REPO, "pretrain", "run.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_data(path, seed, seq_len=64):
+    write_txt(path.parent / f"corpus{seed}.txt", documents(3000, seed=seed))
+    assert data_prep(["--input", str(path.parent / f"corpus{seed}.txt"), "--output", str(path),
+                      "--seq-len", str(seq_len), "--vocab-size", "200", "--workers", "1",
+                      "--valid-fraction", "0.05"]) == 0
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("train_data") / "data", seed=21)
+
+
+def deepspeed(args, ranks=2, timeout=600, check=True):
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), RUN, *args]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_args(data, out, ds="cpu_zero2.json", steps=40, *extra):
+    return ["--deepspeed_config", os.path.join(REPO, "ds_configs", ds), "--data", data,
+            "--output", str(out), "--model", "tiny", "--train-steps", str(steps),
+            "--eval-every", "20", "--eval-batches", "2", "--save-every", "0", *map(str, extra)]
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(run_dir):
+    return [(r["step"], r["loss"]) for r in metrics(run_dir) if "loss" in r]
+
+
+def val_losses(run_dir):
+    return [(r["step"], r["val_loss"], r["val_acc"]) for r in metrics(run_dir) if "val_loss" in r]
+
+
+def final_state(run_dir):
+    """(importance table, model weights) of the latest checkpoint."""
+    ckpt = os.path.join(run_dir, "checkpoints")
+    with open(os.path.join(ckpt, "latest")) as f:
+        tag = f.read().strip()
+    name = "mp_rank_00_model_states.pt"
+    if not os.path.exists(os.path.join(ckpt, tag, name)):  # ZeRO-3 names it per rank
+        name = "zero_pp_rank_0_" + name
+    state = torch.load(os.path.join(ckpt, tag, name), weights_only=False)
+    return state["importance"]["table"], state["module"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_stop_and_resume_equals_a_straight_run(data_dir, tmp_path, stage):
+    ds = f"cpu_zero{stage}.json"
+    straight = tmp_path / "straight"
+    deepspeed(train_args(data_dir, straight, ds))
+    split = tmp_path / "split"
+    first = deepspeed(train_args(data_dir, split, ds, 40, "--stop-at-step", 20))
+    assert "stopped (--stop-at-step) at step 20" in first.stderr
+    assert train_losses(split)[-1][0] == 20
+    second = deepspeed(train_args(data_dir, split, ds, 40, "--resume", "auto"))
+    assert "resumed from" in second.stderr
+
+    assert train_losses(straight) == train_losses(split), "bit-identical losses on CPU fp32"
+    assert len(train_losses(split)) == 40
+    assert val_losses(straight) == val_losses(split)
+    table_a, model_a = final_state(straight)
+    table_b, model_b = final_state(split)
+    assert torch.equal(table_a, table_b)
+    if stage < 3:  # ZeRO-3 keeps the weights in its partitioned files
+        assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+
+    if stage == 2:  # the full behaviour of one run, checked once
+        losses = [loss for _, loss in train_losses(straight)]
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, "the loss falls"
+        line = metrics(straight)[0]
+        for key in ("step", "loss", "lr", "tokens_per_s", "kept_fraction"):
+            assert key in line
+        assert line["kept_fraction"] == 0.5
+        assert [s for s, _, _ in val_losses(straight)] == [20, 40]
+        config = json.load(open(straight / "config.json"))
+        assert config["run"]["token_drop"] == "loss_ema" and config["deepspeed"]["train_batch_size"] == 16
+        assert config["deepspeed"]["scheduler"]["params"]["total_num_steps"] == 40
+        assert not torch.equal(table_a, torch.full_like(table_a, table_a[0])), "the table learned"
+
+
+def single(args, **kw):
+    return subprocess.run([sys.executable, RUN, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.mark.slow
+def test_signal_checkpoints_and_the_resumed_run_continues_exactly(data_dir, tmp_path):
+    straight = tmp_path / "straight"
+    assert single(train_args(data_dir, straight, "cpu_zero0.json", 30)).returncode == 0
+
+    out = tmp_path / "signalled"
+    proc = subprocess.Popen([sys.executable, RUN, *train_args(data_dir, out, "cpu_zero0.json", 30)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len(train_losses(out)) >= 5:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    stopped_at = train_losses(out)[-1][0]
+    assert 5 <= stopped_at < 30 and "stopped by a signal" in err
+    with open(out / "checkpoints" / "latest") as f:
+        assert f.read().strip() == f"global_step{stopped_at:06d}"
+
+    resumed = single(train_args(data_dir, out, "cpu_zero0.json", 30, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert train_losses(out) == train_losses(straight)
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.py: error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_configuration_fails_before_heavy_work(data_dir, tmp_path):
+    ok = train_args(data_dir, tmp_path / "r", "cpu_zero0.json", 10)
+
+    def with_(flag, value):
+        args = list(ok)
+        if flag in args:
+            args[args.index(flag) + 1] = str(value)
+        else:
+            args += [flag, str(value)]
+        return args
+
+    one_line_error(single(with_("--keep-ratio", 1.5)), "--keep-ratio 1.5")
+    one_line_error(single(with_("--keep-ratio", 0)), "--keep-ratio 0")
+    one_line_error(single(with_("--data", tmp_path / "nope")), "nope", "no such data directory")
+    one_line_error(single(with_("--resume", tmp_path / "nowhere")), "--resume", "nowhere")
+
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"preset": "tiny", "max_position_embeddings": 32}))
+    one_line_error(single(with_("--model", short)), "seq_len 64", "max_position_embeddings 32")
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"preset": "tiny", "vocab_size": 30522}))
+    one_line_error(single(with_("--model", vocab)), "vocab_size 30522", "200")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"train_batch_size": 16,')
+    one_line_error(single(with_("--deepspeed_config", broken)), "broken.json", "not valid JSON")
+    assert not (tmp_path / "r").exists(), "nothing was started"
+
+
+@pytest.mark.slow
+def test_resume_onto_other_data_or_model_is_refused(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert single(train_args(data_dir, run, "cpu_zero0.json", 4)).returncode == 0
+    other = make_data(tmp_path / "other", seed=22)
+    one_line_error(single(train_args(other, run, "cpu_zero0.json", 8, "--resume", "auto")),
+                   "cannot resume", "other data")
+    bigger = tmp_path / "bigger.json"
+    bigger.write_text(json.dumps({"preset": "tiny", "hidden_size": 128}))
+    one_line_error(single([*train_args(data_dir, run, "cpu_zero0.json", 8, "--resume", "auto"),
+                           "--model", str(bigger)]), "another model", "hidden_size 64 vs 128")
+    one_line_error(single(train_args(data_dir, run, "cpu_zero0.json", 8)), "already holds checkpoints")

@@ -111,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-rows", type=int, default=65536, help="sequences per shard")
     p.add_argument("--seed", type=int, default=0, help="seeds the tokenizer sample and the split")
     p.add_argument(
+        "--phase",
+        choices=("all", "tokenizer", "encode"),
+        default="all",
+        help="for job arrays (slurm/prepare_data.sbatch): 'tokenizer' only trains or copies "
+        "the tokenizer; 'encode' only tokenizes this task's share of the units (see "
+        "--task-index); then a plain run ('all') packs what the tasks encoded",
+    )
+    p.add_argument("--task-index", type=int, default=0, help="with --phase encode: this task")
+    p.add_argument("--task-count", type=int, default=1, help="with --phase encode: tasks in all")
+    p.add_argument(
+        "--unit-mb",
+        type=float,
+        default=None,
+        help="input MB per work unit (default: chosen from the corpus size and --workers); "
+        "give it explicitly when several jobs share the work",
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="replace data made with other settings in DATA_DIR"
     )
     return p
@@ -131,6 +148,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DataPrepError("--tokenizer-sample-mb: must be positive")
     if not 0 < args.character_coverage <= 1:
         raise DataPrepError("--character-coverage: must be in (0, 1]")
+    if not 0 <= args.task_index < args.task_count:
+        raise DataPrepError(f"--task-index {args.task_index}: must be in [0, --task-count)")
+    if args.unit_mb is not None and args.unit_mb <= 0:
+        raise DataPrepError("--unit-mb: must be positive")
 
 
 def _settings(
@@ -181,7 +202,9 @@ def _remove_ours(out: str) -> None:
             os.remove(path)
 
 
-def _prepare_output(out: str, settings: dict, overwrite: bool) -> tuple[bool, dict | None]:
+def _prepare_output(
+    out: str, settings: dict, overwrite: bool, shared: bool
+) -> tuple[bool, dict | None]:
     """Check DATA_DIR against the settings. Returns (created, finished manifest or None)."""
     manifest_path = os.path.join(out, MANIFEST)
     settings_path = os.path.join(out, WORK_DIR, "settings.json")
@@ -209,15 +232,17 @@ def _prepare_output(out: str, settings: dict, overwrite: bool) -> tuple[bool, di
             )
         _remove_ours(out)
     os.makedirs(os.path.join(out, WORK_DIR), exist_ok=True)
-    for name in os.listdir(os.path.join(out, WORK_DIR)):  # left by a killed run
+    # temporary files left by a killed run; not when other tasks may be writing theirs
+    for name in [] if shared else os.listdir(os.path.join(out, WORK_DIR)):
         if ".tmp-" in name:
             os.remove(os.path.join(out, WORK_DIR, name))
     write_atomic(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
     return created, None
 
 
-def run(args: argparse.Namespace, command: str) -> dict:
-    """Run data_prep; return the manifest. Raises DataPrepError on bad input."""
+def run(args: argparse.Namespace, command: str) -> dict | None:
+    """Run data_prep; return the manifest (None after a partial --phase). Raises
+    DataPrepError on bad input."""
     started = time.time()
     _check_args(args)
     out = os.path.abspath(args.output)
@@ -241,7 +266,10 @@ def run(args: argparse.Namespace, command: str) -> dict:
         tokenizer_sha = _sha256(tokenizer_bytes)
 
     settings = _settings(args, sources, builtins, tokenizer_sha, vocab_size)
-    created, finished = _prepare_output(out, settings, args.overwrite)
+    shared = args.phase == "encode"  # array tasks run side by side in one DATA_DIR
+    if shared and not os.path.isfile(os.path.join(out, "tokenizer.model")):
+        raise DataPrepError(f"{out}: no tokenizer yet; run --phase tokenizer first")
+    created, finished = _prepare_output(out, settings, args.overwrite, shared)
     if finished is not None:
         print(
             f"data_prep: {out} is up to date with these inputs and settings; nothing to do",
@@ -254,7 +282,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
         )
     except DataPrepError:
         # bad input found mid-way: leave the directory as it was before this run
-        if created:
+        if shared:
+            pass  # other tasks' work is there; the failed unit left no file behind
+        elif created:
             shutil.rmtree(out, ignore_errors=True)
         else:
             _remove_ours(out)
@@ -269,7 +299,7 @@ def _sha256(data: bytes) -> str:
 
 def _run_phases(
     args, out, sources, builtins, tokenizer_bytes, vocab_size, settings, command, started
-) -> dict:
+) -> dict | None:
     work = os.path.join(out, WORK_DIR)
     for name in builtins:
         path = os.path.join(work, f"builtin-{name}.txt")
@@ -278,7 +308,10 @@ def _run_phases(
             write_builtin(name, path)
     sources = resolve_inputs([os.path.join(work, f"builtin-{b}.txt") for b in builtins]) + sources
     total_bytes = sum(s.size for s in sources)
-    unit_bytes = int(min(64 << 20, max(1 << 20, total_bytes // (args.workers * 8))))
+    if args.unit_mb:
+        unit_bytes = int(args.unit_mb * 1e6)
+    else:
+        unit_bytes = int(min(64 << 20, max(1 << 20, total_bytes // (args.workers * 8))))
     units = plan_units(sources, unit_bytes)
     if not units:
         raise DataPrepError("the inputs hold no text (every file is empty)")
@@ -309,9 +342,18 @@ def _run_phases(
         write_atomic(model_path, tokenizer_bytes)
     special = SpecialTokens(**special_ids(tokenizer_bytes, model_path))
     dtype = "uint16" if vocab_size <= 65535 else "uint32"
+    enc = EncodeSettings(work, args.text_field, args.seed, args.valid_fraction, dtype, special.sep)
+    if args.phase == "tokenizer":
+        return None
+    if args.phase == "encode":
+        mine = [u for u in units if u.index % args.task_count == args.task_index]
+        for _ in _encode_in_order(
+            mine, enc, tokenizer_bytes, args.workers, sum(u.nbytes for u in mine)
+        ):
+            pass
+        return None
 
     # Phases 2 and 3: workers encode units while this process packs them, in corpus order
-    enc = EncodeSettings(work, args.text_field, args.seed, args.valid_fraction, dtype, special.sep)
     packers = {split: Packer(args.seq_len, dtype, special.cls, special.pad) for split in SPLITS}
     writers = {
         split: ShardWriter(
@@ -464,5 +506,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("data_prep: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
-    print(_summary(manifest, os.path.abspath(args.output)))
+    if manifest is None:
+        print(
+            f"data_prep: --phase {args.phase} done (task {args.task_index} of {args.task_count})"
+            if args.phase == "encode"
+            else "data_prep: --phase tokenizer done",
+            file=sys.stderr,
+        )
+    else:
+        print(_summary(manifest, os.path.abspath(args.output)))
     return 0

@@ -245,6 +245,17 @@ def load_deepspeed_config(run: RunConfig) -> dict:
     board = ds.get("tensorboard")
     if isinstance(board, dict) and board.get("enabled"):
         board.setdefault("output_path", run.output)
+    zero_stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if run.pipeline_stages > 1 and zero_stage > 1:
+        raise ConfigError(
+            f"--pipeline-stages {run.pipeline_stages} with ZeRO stage {zero_stage} "
+            f"({path}): DeepSpeed's pipeline engine allows ZeRO stage 0 or 1 only"
+        )
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+    if run.pipeline_stages > 1 and world % run.pipeline_stages:
+        raise ConfigError(
+            f"--pipeline-stages {run.pipeline_stages} does not divide the {world} ranks"
+        )
     if (ds.get("fp16", {}) or {}).get("enabled") and not _cuda():
         raise ConfigError(f"--deepspeed_config {path}: fp16 needs a GPU; use bf16 or fp32 on CPU")
     return ds

@@ -129,12 +129,15 @@ class PretrainLoader:
         self.consumed_samples = int(state["consumed_samples"])
 
     def next_step(self) -> Iterator[Batch]:
-        """The micro-batches of the next optimizer step; advances consumed_samples by G."""
+        """The micro-batches of the next optimizer step (read lazily); advances
+        consumed_samples by G at once, whether or not this rank reads them."""
         per_rank = self.global_batch // self.dp_size
         start = self.consumed_samples + self.dp_rank * per_rank
         self.consumed_samples += self.global_batch
-        for m in range(self.micro_batches_per_step):
-            yield self.batch_at(start + m * self.micro_batch, self.micro_batch)
+        return (
+            self.batch_at(start + m * self.micro_batch, self.micro_batch)
+            for m in range(self.micro_batches_per_step)
+        )
 
     def batch_at(self, position: int, size: int) -> Batch:
         """The masked batch of stream positions [position, position + size)."""
@@ -165,8 +168,9 @@ def validation_batches(
 ) -> Iterator[Batch]:
     """This rank's share of a fixed validation set: the first sequences of the split, at
     most ``max_batches * batch`` per rank, masked with epoch 0 (the same masks every
-    evaluation). Every rank gets the same number of batches (ZeRO-3 needs that)."""
-    per_rank = min(len(shards) // dp_size, max_batches * batch)
+    evaluation). Every rank gets the same number of full batches (ZeRO-3 and pipeline
+    stages need that)."""
+    per_rank = min(len(shards) // dp_size, max_batches * batch) // batch * batch
     mine = np.arange(per_rank, dtype=np.int64) * dp_size + dp_rank
     for start in range(0, per_rank, batch):
         indices = mine[start : start + batch]

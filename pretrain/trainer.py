@@ -52,15 +52,6 @@ class Trainer:
         self.device = distributed.device()
         self.stop_requested = False
 
-        torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
-        model = BertForTokenDropPretraining(resolved.model)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=resolved.deepspeed
-        )
-        torch.manual_seed(_mix(self.cfg.seed, self.rank))  # dropout differs per rank
-        self.dp_rank = self.engine.mpu.get_data_parallel_rank() if self.engine.mpu else self.rank
-        self.dp_size = self.engine.dp_world_size
-
         self.table = ImportanceTable(
             self.manifest.vocab_size,
             self.cfg.token_drop,
@@ -72,6 +63,38 @@ class Trainer:
             else None,
             device=self.device,
         )
+        self.pipelined = self.cfg.pipeline_stages > 1
+        self._pipe_dropping = None
+        if self.pipelined:
+            from pretrain.pipeline import PipeLoss, build_pipeline, max_predictions
+
+            self.pipe_loss = PipeLoss(self.table)
+            self.pipe_width = max_predictions(self.manifest.seq_len)
+            module, parts, self.stage_shares = build_pipeline(
+                resolved.model,
+                self.cfg.pipeline_stages,
+                self.manifest.seq_len,
+                self.cfg.keep_ratio if self.cfg.token_drop != "none" else 1.0,
+                self.pipe_loss,
+                self.cfg.seed,
+            )
+            self.stage_layers = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=module,
+                model_parameters=[p for p in module.parameters() if p.requires_grad],
+                config=resolved.deepspeed,
+            )
+            self.dp_rank = self.engine.grid.get_data_parallel_rank()
+        else:
+            torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
+            model = BertForTokenDropPretraining(resolved.model)
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=model.parameters(), config=resolved.deepspeed
+            )
+            self.dp_rank = self.rank
+        self.dp_size = self.engine.dp_world_size
+        torch.manual_seed(_mix(self.cfg.seed, self.rank))  # dropout differs per rank
+
         self.masker = DynamicMasker(
             special.all, special.mask, self.manifest.vocab_size, self.cfg.seed
         )
@@ -147,12 +170,18 @@ class Trainer:
             f"data parallel {self.dp_size}; token drop {cfg.token_drop}, kept "
             f"{self.resolved.kept_tokens}/{seq_len}"
         )
+        if self.pipelined:
+            shares = ", ".join(
+                f"stage {i}: layers {a}-{b - 1}, {share:.0%} of the FLOPs"
+                for i, ((a, b), share) in enumerate(zip(self.stage_layers, self.stage_shares))
+            )
+            log.message(f"pipeline of {len(self.stage_shares)} stages balanced by FLOPs: {shares}")
         saved_at = self.step if self.step else None
         stopped_by_signal = False
         while self.step < end:
             started = time.perf_counter()
             drop = cfg.token_drop != "none" and self.step < full_seq_from
-            stats = self._train_step(drop)
+            stats = self._pipeline_step(drop) if self.pipelined else self._train_step(drop)
             self.step += 1
             loss_sum, predictions, correct, kept_masked, stop = distributed.all_reduce_sum(
                 [*stats["local"], float(self.stop_requested)]
@@ -216,7 +245,7 @@ class Trainer:
             kept_idx = None
             if drop:
                 generator = torch.Generator().manual_seed(
-                    _mix(self.cfg.seed, self.step, self.rank, micro)
+                    _mix(self.cfg.seed, self.step, self.dp_rank, micro)
                 )
                 kept_idx = self.table.select(input_ids, k, generator)  # [batch, kept]
             out = engine(input_ids, attention_mask, labels, kept_idx)
@@ -234,6 +263,93 @@ class Trainer:
             "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
         }
+
+    def _pipeline_step(self, drop: bool) -> dict:
+        """One step of the pipeline engine: DeepSpeed runs the micro-batches through the
+        stages; the first stage selects tokens, the last one computes the loss."""
+        from pretrain.pipeline import pipe_batch
+
+        engine = self.engine
+        first, last = engine.is_first_stage(), engine.is_last_stage()
+        if self._pipe_dropping is not None and drop != self._pipe_dropping:
+            engine.reset_activation_shape()  # K changes: the full-sequence phase begins
+        self._pipe_dropping = drop
+        lr = engine.optimizer.param_groups[0]["lr"]
+        batches = self.loader.next_step()
+        kept_masked = 0.0
+
+        def micro_batches():
+            nonlocal kept_masked
+            for micro, batch in enumerate(batches):
+                labels = batch.labels.to(self.device)
+                input_ids = batch.input_ids.to(self.device)
+                kept_idx = self._kept_for_pipeline(input_ids, drop, micro, select=first)
+                if first:
+                    kept_masked += self._kept_masked(labels, kept_idx if drop else None)
+                yield pipe_batch(
+                    input_ids,
+                    batch.attention_mask.to(self.device),
+                    labels,
+                    kept_idx,
+                    self.pipe_width,
+                )
+
+        self.pipe_loss.reset()
+        self.pipe_loss.training = True
+        engine.train_batch(data_iter=micro_batches() if first or last else None)
+        self.table.synchronize_and_apply(self._table_group())
+        grad_norm = engine.get_global_grad_norm()
+        return {
+            "local": [
+                self.pipe_loss.loss_sum,
+                self.pipe_loss.predictions,
+                self.pipe_loss.correct,
+                kept_masked,
+            ],
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+        }
+
+    def _kept_for_pipeline(self, input_ids, drop: bool, micro: int, select: bool) -> torch.Tensor:
+        """kept_idx [B, K] for the pipeline: selected on the first stage; elsewhere only its
+        shape matters. Without dropping, every position (K = S)."""
+        batch, seq_len = input_ids.shape
+        if drop and select:
+            generator = torch.Generator().manual_seed(
+                _mix(self.cfg.seed, self.step, self.dp_rank, micro)
+            )
+            return self.table.select(input_ids, self.resolved.kept_tokens, generator)
+        if drop:
+            return torch.zeros(
+                batch, self.resolved.kept_tokens, dtype=torch.int64, device=input_ids.device
+            )
+        return torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len).contiguous()
+
+    def _evaluate_pipeline(self, batches) -> tuple[float, float, float]:
+        from pretrain.pipeline import pipe_batch
+
+        batches = list(batches)  # the same count on every stage: the schedule depends on it
+        if not batches:
+            return 0.0, 0.0, 0.0
+        engine = self.engine
+        items = (
+            pipe_batch(
+                b.input_ids.to(self.device),
+                b.attention_mask.to(self.device),
+                b.labels.to(self.device),
+                self._kept_for_pipeline(b.input_ids.to(self.device), False, 0, False),
+                self.pipe_width,
+            )
+            for b in batches
+        )
+        engine.reset_activation_shape()  # the full sequence: K = S
+        self.pipe_loss.reset()
+        self.pipe_loss.training = False
+        first, last = engine.is_first_stage(), engine.is_last_stage()
+        engine.eval_batch(items if first or last else None, num_micro_batches=len(batches))
+        engine.reset_activation_shape()
+        self._pipe_dropping = None
+        return self.pipe_loss.loss_sum, self.pipe_loss.predictions, self.pipe_loss.correct
 
     @staticmethod
     def _kept_masked(labels: torch.Tensor, kept_idx: torch.Tensor | None) -> float:
@@ -255,20 +371,23 @@ class Trainer:
             self.dp_rank,
             self.dp_size,
         )
-        loss_sum = predictions = correct = 0.0
-        self.engine.eval()
-        with torch.no_grad():
-            for batch in batches:
-                out = self.engine(
-                    batch.input_ids.to(self.device),
-                    batch.attention_mask.to(self.device),
-                    batch.labels.to(self.device),
-                    None,
-                )
-                loss_sum += float(out.token_losses.sum())
-                predictions += out.num_predictions
-                correct += float(out.num_correct)
-        self.engine.train()
+        if self.pipelined:
+            loss_sum, predictions, correct = self._evaluate_pipeline(batches)
+        else:
+            loss_sum = predictions = correct = 0.0
+            self.engine.eval()
+            with torch.no_grad():
+                for batch in batches:
+                    out = self.engine(
+                        batch.input_ids.to(self.device),
+                        batch.attention_mask.to(self.device),
+                        batch.labels.to(self.device),
+                        None,
+                    )
+                    loss_sum += float(out.token_losses.sum())
+                    predictions += out.num_predictions
+                    correct += float(out.num_correct)
+            self.engine.train()
         loss_sum, predictions, correct = distributed.all_reduce_sum(
             [loss_sum, predictions, correct]
         )

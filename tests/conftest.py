@@ -13,6 +13,16 @@ from collections.abc import Iterator
 
 import pytest
 from cluster import MPI_BINARIES, SLURM_BINARIES, MpiLauncher, SlurmCluster, missing_binaries
+from corpus import make_data
+
+# -- data ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small DATA_DIR (seq_len 64, vocabulary 200) shared by the training tests."""
+    return make_data(tmp_path_factory.mktemp("train_data") / "data", seed=21)
+
 
 # -- real SLURM and Open MPI -------------------------------------------------
 

@@ -131,3 +131,30 @@ def write_txt(path, docs: list[str]) -> None:
         for i, doc in enumerate(docs):
             f.write(doc)
             f.write(seps[i % len(seps)])
+
+
+def make_data(path, seed: int, seq_len: int = 64) -> str:
+    """A small DATA_DIR for training tests (3,000 documents, vocabulary 200)."""
+    from data_prep.cli import main as data_prep
+
+    write_txt(path.parent / f"corpus{seed}.txt", documents(3000, seed=seed))
+    assert (
+        data_prep(
+            [
+                "--input",
+                str(path.parent / f"corpus{seed}.txt"),
+                "--output",
+                str(path),
+                "--seq-len",
+                str(seq_len),
+                "--vocab-size",
+                "200",
+                "--workers",
+                "1",
+                "--valid-fraction",
+                "0.05",
+            ]
+        )
+        == 0
+    )
+    return str(path)

@@ -12,9 +12,7 @@ import time
 
 import pytest
 import torch
-from corpus import documents, write_txt
-
-from data_prep.cli import main as data_prep
+from corpus import make_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(REPO, "pretrain", "run.py")
@@ -26,19 +24,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_data(path, seed, seq_len=64):
-    write_txt(path.parent / f"corpus{seed}.txt", documents(3000, seed=seed))
-    assert data_prep(["--input", str(path.parent / f"corpus{seed}.txt"), "--output", str(path),
-                      "--seq-len", str(seq_len), "--vocab-size", "200", "--workers", "1",
-                      "--valid-fraction", "0.05"]) == 0
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("train_data") / "data", seed=21)
-
-
 def deepspeed(args, ranks=2, timeout=600, check=True):
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), RUN, *args]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -48,9 +33,25 @@ def deepspeed(args, ranks=2, timeout=600, check=True):
 
 
 def train_args(data, out, ds="cpu_zero2.json", steps=40, *extra):
-    return ["--deepspeed_config", os.path.join(REPO, "ds_configs", ds), "--data", data,
-            "--output", str(out), "--model", "tiny", "--train-steps", str(steps),
-            "--eval-every", "20", "--eval-batches", "2", "--save-every", "0", *map(str, extra)]
+    return [
+        "--deepspeed_config",
+        os.path.join(REPO, "ds_configs", ds),
+        "--data",
+        data,
+        "--output",
+        str(out),
+        "--model",
+        "tiny",
+        "--train-steps",
+        str(steps),
+        "--eval-every",
+        "20",
+        "--eval-batches",
+        "2",
+        "--save-every",
+        "0",
+        *map(str, extra),
+    ]
 
 
 def metrics(run_dir):
@@ -109,14 +110,18 @@ def test_stop_and_resume_equals_a_straight_run(data_dir, tmp_path, stage):
         assert line["kept_fraction"] == 0.5
         assert [s for s, _, _ in val_losses(straight)] == [20, 40]
         config = json.load(open(straight / "config.json"))
-        assert config["run"]["token_drop"] == "loss_ema" and config["deepspeed"]["train_batch_size"] == 16
+        assert (
+            config["run"]["token_drop"] == "loss_ema"
+            and config["deepspeed"]["train_batch_size"] == 16
+        )
         assert config["deepspeed"]["scheduler"]["params"]["total_num_steps"] == 40
         assert not torch.equal(table_a, torch.full_like(table_a, table_a[0])), "the table learned"
 
 
 def single(args, **kw):
-    return subprocess.run([sys.executable, RUN, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, RUN, *args], cwd=REPO, capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 @pytest.mark.slow
@@ -125,8 +130,13 @@ def test_signal_checkpoints_and_the_resumed_run_continues_exactly(data_dir, tmp_
     assert single(train_args(data_dir, straight, "cpu_zero0.json", 30)).returncode == 0
 
     out = tmp_path / "signalled"
-    proc = subprocess.Popen([sys.executable, RUN, *train_args(data_dir, out, "cpu_zero0.json", 30)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, RUN, *train_args(data_dir, out, "cpu_zero0.json", 30)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         if (out / "metrics.jsonl").exists() and len(train_losses(out)) >= 5:
@@ -186,10 +196,24 @@ def test_resume_onto_other_data_or_model_is_refused(data_dir, tmp_path):
     run = tmp_path / "run"
     assert single(train_args(data_dir, run, "cpu_zero0.json", 4)).returncode == 0
     other = make_data(tmp_path / "other", seed=22)
-    one_line_error(single(train_args(other, run, "cpu_zero0.json", 8, "--resume", "auto")),
-                   "cannot resume", "other data")
+    one_line_error(
+        single(train_args(other, run, "cpu_zero0.json", 8, "--resume", "auto")),
+        "cannot resume",
+        "other data",
+    )
     bigger = tmp_path / "bigger.json"
     bigger.write_text(json.dumps({"preset": "tiny", "hidden_size": 128}))
-    one_line_error(single([*train_args(data_dir, run, "cpu_zero0.json", 8, "--resume", "auto"),
-                           "--model", str(bigger)]), "another model", "hidden_size 64 vs 128")
-    one_line_error(single(train_args(data_dir, run, "cpu_zero0.json", 8)), "already holds checkpoints")
+    one_line_error(
+        single(
+            [
+                *train_args(data_dir, run, "cpu_zero0.json", 8, "--resume", "auto"),
+                "--model",
+                str(bigger),
+            ]
+        ),
+        "another model",
+        "hidden_size 64 vs 128",
+    )
+    one_line_error(
+        single(train_args(data_dir, run, "cpu_zero0.json", 8)), "already holds checkpoints"
+    )

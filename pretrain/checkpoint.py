@@ -116,6 +116,22 @@ def check_compatible(state: dict, resolved: dict, where: str) -> None:
         raise ConfigError(f"cannot resume from {where}: " + "; ".join(problems))
 
 
+def prepare_resume(state: dict, deepspeed_config: dict, where: str) -> None:
+    """Refuse a checkpoint of another data-parallel world size unless it is universal;
+    for a universal one, tell DeepSpeed to load it as such."""
+    if state.get("universal"):
+        deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+        return
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+    zero_stage = (deepspeed_config.get("zero_optimization") or {}).get("stage", 0)
+    if state["world_size"] != world and zero_stage > 0:
+        raise ConfigError(
+            f"{where} was written by {state['world_size']} ranks, this run has {world}: ZeRO "
+            f"stage {zero_stage} cannot re-partition it; convert it with `python -m "
+            f"pretrain.universal {where}` and resume from the converted checkpoint"
+        )
+
+
 def rng_state() -> dict:
     state = {
         "python": random.getstate(),

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ref = checkpoint.find_checkpoint(run.resume, run.output)
         if ref is not None:
-            checkpoint.check_compatible(ref.run_state(), resolved.to_dict(), ref.path)
+            state = ref.run_state()
+            checkpoint.check_compatible(state, resolved.to_dict(), ref.path)
+            checkpoint.prepare_resume(state, resolved.deepspeed, ref.path)
     except ConfigError as e:
         _say(f"run.py: error: {e}")
         return 2

@@ -217,3 +217,28 @@ def test_resume_onto_other_data_or_model_is_refused(data_dir, tmp_path):
     one_line_error(
         single(train_args(data_dir, run, "cpu_zero0.json", 8)), "already holds checkpoints"
     )
+
+
+@pytest.mark.slow
+def test_resume_on_another_data_parallel_size_through_a_universal_checkpoint(data_dir, tmp_path):
+    run = tmp_path / "run"
+    deepspeed(train_args(data_dir, run, "cpu_zero2.json", 16, "--stop-at-step", 8))
+    table_at_8, _ = final_state(run)
+    resume = train_args(data_dir, run, "cpu_zero2.json", 16, "--resume", "auto")
+    one_line_error(single(resume), "written by 2 ranks, this run has 1", "pretrain.universal")
+
+    converted = subprocess.run([sys.executable, "-m", "pretrain.universal", str(run)], cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    universal = run / "checkpoints" / "global_step000008_universal"
+    assert universal.is_dir()
+    result = single(train_args(data_dir, run, "cpu_zero2.json", 16, "--resume", universal))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "data parallel 1" in result.stderr
+    steps = [s for s, _ in train_losses(run)]
+    assert steps == list(range(1, 17))
+    step9 = [r for r in metrics(run) if r["step"] == 9 and "loss" in r][0]
+    assert step9["samples"] == 9 * 16 and step9["lr"] > 5e-4, "the schedule and data continued"
+    state = json.load(open(universal / "run_state.json"))
+    assert state["universal"] and state["consumed_samples"] == 8 * 16
+    assert not torch.equal(table_at_8, torch.full_like(table_at_8, table_at_8[0]))

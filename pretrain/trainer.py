@@ -179,27 +179,7 @@ class Trainer:
         saved_at = self.step if self.step else None
         stopped_by_signal = False
         while self.step < end:
-            started = time.perf_counter()
-            drop = cfg.token_drop != "none" and self.step < full_seq_from
-            stats = self._pipeline_step(drop) if self.pipelined else self._train_step(drop)
-            self.step += 1
-            loss_sum, predictions, correct, kept_masked, stop = distributed.all_reduce_sum(
-                [*stats["local"], float(self.stop_requested)]
-            )
-            elapsed = time.perf_counter() - started
-            record = {
-                "step": self.step,
-                "loss": loss_sum / max(predictions, 1),
-                "lr": stats["lr"],
-                "tokens_per_s": self.global_batch * seq_len / elapsed,
-                "kept_fraction": (self.resolved.kept_tokens if drop else seq_len) / seq_len,
-                "kept_masked_fraction": kept_masked / max(predictions, 1),
-                "mlm_acc": correct / max(predictions, 1),
-                "samples": self.loader.consumed_samples,
-                "step_s": elapsed,
-            }
-            if stats["grad_norm"] is not None:
-                record["grad_norm"] = stats["grad_norm"]
+            record, stop = self.train_one_step(full_seq_from)
             if self.step % cfg.log_every == 0 or self.step == end:
                 log.log(record)
             log.progress(self.step, record)
@@ -234,6 +214,41 @@ class Trainer:
             print(self._where(why), file=sys.stderr)
         return 0
 
+    def train_one_step(self, full_seq_from: int | None = None) -> tuple[dict, bool]:
+        """One optimizer step with its statistics; returns (metrics record, stop requested
+        on any rank). Dropping stops at step ``full_seq_from`` (the full-sequence phase)."""
+        started = time.perf_counter()
+        seq_len = self.manifest.seq_len
+        full_seq_from = self.cfg.train_steps if full_seq_from is None else full_seq_from
+        drop = self.cfg.token_drop != "none" and self.step < full_seq_from
+        stats = self._pipeline_step(drop) if self.pipelined else self._train_step(drop)
+        self.step += 1
+        loss_sum, predictions, correct, kept_masked, stop = distributed.all_reduce_sum(
+            [*stats["local"], float(self.stop_requested)]
+        )
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": self.step,
+            "loss": loss_sum / max(predictions, 1),
+            "lr": stats["lr"],
+            "tokens_per_s": self.global_batch * seq_len / elapsed,
+            "kept_fraction": (self.resolved.kept_tokens if drop else seq_len) / seq_len,
+            "kept_masked_fraction": kept_masked / max(predictions, 1),
+            "mlm_acc": correct / max(predictions, 1),
+            "samples": self.loader.consumed_samples,
+            "step_s": elapsed,
+            "table_sync_s": stats["table_sync_s"],
+        }
+        if stats["grad_norm"] is not None:
+            record["grad_norm"] = stats["grad_norm"]
+        return record, bool(stop)
+
+    def _synchronize_table(self) -> float:
+        """The once-per-step all_reduce and EMA update; returns its seconds."""
+        started = time.perf_counter()
+        self.table.synchronize_and_apply(self._table_group())
+        return time.perf_counter() - started
+
     def _train_step(self, drop: bool) -> dict:
         engine, k = self.engine, self.resolved.kept_tokens
         loss_sum = predictions = correct = kept_masked = 0.0
@@ -256,9 +271,10 @@ class Trainer:
             predictions += out.num_predictions
             correct += float(out.num_correct)
             kept_masked += self._kept_masked(labels, kept_idx)
-        self.table.synchronize_and_apply(self._table_group())
+        sync_s = self._synchronize_table()
         grad_norm = engine.get_global_grad_norm()
         return {
+            "table_sync_s": sync_s,
             "local": [loss_sum, predictions, correct, kept_masked],
             "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -297,9 +313,10 @@ class Trainer:
         self.pipe_loss.reset()
         self.pipe_loss.training = True
         engine.train_batch(data_iter=micro_batches() if first or last else None)
-        self.table.synchronize_and_apply(self._table_group())
+        sync_s = self._synchronize_table()
         grad_norm = engine.get_global_grad_norm()
         return {
+            "table_sync_s": sync_s,
             "local": [
                 self.pipe_loss.loss_sum,
                 self.pipe_loss.predictions,

@@ -72,12 +72,14 @@ def test_two_stages_match_a_one_rank_run_and_the_loss_falls(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_stop_and_resume_equals_a_straight_run(data_dir, tmp_path):
+    # --full-seq-final: the activation shapes change (K -> S) for the last 5 steps
     straight = tmp_path / "straight"
-    deepspeed(pipe_args(data_dir, straight, 30))
+    deepspeed(pipe_args(data_dir, straight, 30, "--full-seq-final", 5))
     split = tmp_path / "split"
-    deepspeed(pipe_args(data_dir, split, 30, "--stop-at-step", 15))
-    deepspeed(pipe_args(data_dir, split, 30, "--resume", "auto"))
+    deepspeed(pipe_args(data_dir, split, 30, "--full-seq-final", 5, "--stop-at-step", 15))
+    deepspeed(pipe_args(data_dir, split, 30, "--full-seq-final", 5, "--resume", "auto"))
     assert train_losses(split) == train_losses(straight)
+    assert [r["kept_fraction"] for r in metrics(split) if "loss" in r] == [0.5] * 25 + [1.0] * 5
     assert [r for r in metrics(split) if "val_loss" in r] == [
         r for r in metrics(straight) if "val_loss" in r
     ]

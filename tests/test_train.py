@@ -126,12 +126,14 @@ def single(args, **kw):
 
 @pytest.mark.slow
 def test_signal_checkpoints_and_the_resumed_run_continues_exactly(data_dir, tmp_path):
+    # the last 10 steps run without dropping (--full-seq-final), across the resume
+    args = ("cpu_zero0.json", 30, "--full-seq-final", 10)
     straight = tmp_path / "straight"
-    assert single(train_args(data_dir, straight, "cpu_zero0.json", 30)).returncode == 0
+    assert single(train_args(data_dir, straight, *args)).returncode == 0
 
     out = tmp_path / "signalled"
     proc = subprocess.Popen(
-        [sys.executable, RUN, *train_args(data_dir, out, "cpu_zero0.json", 30)],
+        [sys.executable, RUN, *train_args(data_dir, out, *args)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -150,9 +152,11 @@ def test_signal_checkpoints_and_the_resumed_run_continues_exactly(data_dir, tmp_
     with open(out / "checkpoints" / "latest") as f:
         assert f.read().strip() == f"global_step{stopped_at:06d}"
 
-    resumed = single(train_args(data_dir, out, "cpu_zero0.json", 30, "--resume", "auto"))
+    resumed = single(train_args(data_dir, out, *args, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert train_losses(out) == train_losses(straight)
+    kept = [r["kept_fraction"] for r in metrics(out) if "loss" in r]
+    assert kept == [0.5] * 20 + [1.0] * 10
 
 
 def one_line_error(result, *fragments):
@@ -227,8 +231,13 @@ def test_resume_on_another_data_parallel_size_through_a_universal_checkpoint(dat
     resume = train_args(data_dir, run, "cpu_zero2.json", 16, "--resume", "auto")
     one_line_error(single(resume), "written by 2 ranks, this run has 1", "pretrain.universal")
 
-    converted = subprocess.run([sys.executable, "-m", "pretrain.universal", str(run)], cwd=REPO,
-                               capture_output=True, text=True, timeout=300)
+    converted = subprocess.run(
+        [sys.executable, "-m", "pretrain.universal", str(run)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert converted.returncode == 0, converted.stderr[-2000:]
     universal = run / "checkpoints" / "global_step000008_universal"
     assert universal.is_dir()

@@ -30,7 +30,9 @@ def init() -> None:
         # a plain `python pretrain/run.py`: a world of one on a free local port
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(auto_mpi_discovery=True, verbose=False)
+    # under mpirun DeepSpeed's discovery picks the port: MASTER_PORT, else 29500
+    port = int(os.environ.get("MASTER_PORT", 29500))
+    deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 

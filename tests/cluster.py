@@ -491,7 +491,9 @@ class MpiLauncher:
         mpirun = find_binary("mpirun")
         if mpirun is None:
             raise ClusterError("mpirun not found; run `bash .ci/install_system_deps.sh` as root")
-        self.base = [mpirun, "--oversubscribe"]
+        # --noprefix: called by its absolute path, mpirun would put /usr/bin first on the
+        # ranks' PATH (Debian's ninja instead of pip's, which rebuilds DeepSpeed's op)
+        self.base = [mpirun, "--oversubscribe", "--noprefix"]
         self.env = _clean_environ()
         if os.geteuid() == 0:
             self.base.insert(1, "--allow-run-as-root")

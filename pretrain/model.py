@@ -1,0 +1,562 @@
+"""BERT with token dropping (Hou et al., ACL 2022, arXiv 2203.13240), in plain PyTorch.
+
+Read top to bottom: the config, the layer split, the two index operations that *are*
+token dropping, the embeddings, one post-LN encoder layer, the token-dropping encoder,
+the sparse MLM head, and the pretraining model that ties them together.
+
+Token dropping (DESIGN.md section 2), with L layers and the default split:
+
+    layers 0 .. L/2-2      full sequence                          [batch, seq, hidden]
+    layer  L/2-1           queries: kept tokens, keys/values: all [batch, kept, hidden]
+    layers L/2 .. L-2      kept tokens only                       [batch, kept, hidden]
+    layer  L-1             full sequence: dropped tokens rejoin   [batch, seq, hidden]
+                           with the state they had entering layer L/2-1
+
+Which positions are kept is decided outside the model (``pretrain.importance``); the
+model only receives ``kept_idx`` [batch, kept] int64, sorted in sequence order. Every
+piece is a separate module or function so that a DeepSpeed ``PipelineModule`` can wrap
+the embeddings, each layer, the select/merge steps and the head stage by stage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # label of positions that are not predicted (PyTorch/HF convention)
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(num_layers=4, hidden_size=64, num_heads=2, intermediate_size=256),
+    "mid": dict(num_layers=12, hidden_size=256, num_heads=4, intermediate_size=1024),
+    "bert-base": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072),
+    "bert-large": dict(num_layers=24, hidden_size=1024, num_heads=16, intermediate_size=4096),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Shape and regularisation of the encoder; the trainer sets vocab_size from the manifest."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2  # only type 0 is used; kept so exported weights are a standard BERT
+    dropout: float = 0.1  # hidden-state dropout, and attention dropout unless set below
+    attention_dropout: float | None = None  # None: same as dropout
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    drop_start_layer: int | None = None  # boundary layer; None: num_layers // 2 - 1
+    drop_end_layer: int | None = None  # last kept-tokens-only layer; None: num_layers - 2
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_layers < 4 or self.num_layers % 2:
+            raise ValueError(
+                f"ModelConfig.num_layers must be even and >= 4 for token dropping, "
+                f"got {self.num_layers}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ModelConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_heads ({self.num_heads})"
+            )
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value}")
+        if self.layer_norm_eps <= 0 or self.initializer_range <= 0:
+            raise ValueError("ModelConfig.layer_norm_eps and initializer_range must be > 0")
+        layer_split(self)  # validates drop_start_layer / drop_end_layer
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def attention_dropout_p(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        """A preset (``tiny``, ``mid``, ``bert-base``, ``bert-large``) with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls._from_dict({**PRESETS[name], **overrides}, where=f"preset {name!r}")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        """Load a JSON object of ModelConfig fields; an optional ``"preset"`` key is the base."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read model config {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"model config {path} must hold a JSON object")
+        preset = data.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(
+                    f"{path}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}"
+                )
+            data = {**PRESETS[preset], **data}
+        return cls._from_dict(data, where=str(path))
+
+    @classmethod
+    def _from_dict(cls, data: dict, where: str) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown model config keys {unknown}; known: {sorted(known)}"
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_hf_bert_config(self) -> dict:
+        """Keyword arguments for ``transformers.BertConfig`` describing the same network."""
+        return dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act="gelu",
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.attention_dropout_p,
+            max_position_embeddings=self.max_position_embeddings,
+            type_vocab_size=self.type_vocab_size,
+            initializer_range=self.initializer_range,
+            layer_norm_eps=self.layer_norm_eps,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The layer split: the one place that says which layer sees which tokens
+# ---------------------------------------------------------------------------------------
+
+
+class LayerSplit(NamedTuple):
+    boundary_layer: int  # queries: the kept tokens; keys/values: all tokens
+    last_dropped_layer: int  # last layer that sees the kept tokens only; the rest rejoin after it
+
+    def role(self, layer: int) -> str:
+        """``"full"``, ``"boundary"`` or ``"kept"``: what layer ``layer`` processes when dropping."""
+        if layer == self.boundary_layer:
+            return "boundary"
+        if self.boundary_layer < layer <= self.last_dropped_layer:
+            return "kept"
+        return "full"
+
+
+def layer_split(cfg: ModelConfig) -> LayerSplit:
+    """The layers where tokens are dropped. Default (paper): boundary L/2-1, kept-only up to L-2."""
+    last_layer = cfg.num_layers - 1
+    boundary = cfg.num_layers // 2 - 1 if cfg.drop_start_layer is None else cfg.drop_start_layer
+    last_dropped = last_layer - 1 if cfg.drop_end_layer is None else cfg.drop_end_layer
+    # The last layer always attends over the full sequence: the dropped tokens rejoin before it.
+    if not 0 <= boundary <= last_dropped <= last_layer - 1:
+        raise ValueError(
+            f"token dropping layers out of range: need 0 <= drop_start_layer ({boundary}) <= "
+            f"drop_end_layer ({last_dropped}) <= num_layers - 2 ({last_layer - 1})"
+        )
+    return LayerSplit(boundary, last_dropped)
+
+
+def num_kept_tokens(seq_len: int, keep_ratio: float) -> int:
+    """K = round(keep_ratio * seq_len), fixed for a run (static shapes)."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    return max(1, round(keep_ratio * seq_len))
+
+
+# ---------------------------------------------------------------------------------------
+# Token dropping is a pair of index operations
+# ---------------------------------------------------------------------------------------
+
+
+def _flat_rows(kept_idx: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[batch, kept] positions -> [batch * kept] row numbers of a [batch * seq, ...] view."""
+    offsets = torch.arange(kept_idx.shape[0], device=kept_idx.device) * seq_len
+    return (kept_idx + offsets[:, None]).reshape(-1)
+
+
+def gather_tokens(hidden: torch.Tensor, kept_idx: torch.Tensor) -> torch.Tensor:
+    """Select the kept positions: hidden [B, S, ...] and kept_idx [B, K] int64 -> [B, K, ...].
+
+    Works for hidden states [B, S, H] and for masks [B, S]. Backward scatters the gradient
+    back (index_add), so it is autograd-friendly.
+    """
+    batch, seq_len = hidden.shape[:2]
+    rows = _flat_rows(kept_idx, seq_len)
+    return hidden.flatten(0, 1).index_select(0, rows).unflatten(0, (batch, kept_idx.shape[1]))
+
+
+def scatter_tokens(full: torch.Tensor, kept: torch.Tensor, kept_idx: torch.Tensor) -> torch.Tensor:
+    """Put the kept tokens back: full [B, S, H], kept [B, K, H], kept_idx [B, K] -> [B, S, H].
+
+    Positions not in kept_idx keep the values of ``full`` (for token dropping: the hidden
+    state entering the boundary layer). Out of place; gradients flow to both inputs.
+    """
+    batch, seq_len = full.shape[:2]
+    rows = _flat_rows(kept_idx, seq_len)
+    merged = full.flatten(0, 1).index_copy(0, rows, kept.flatten(0, 1))
+    return merged.unflatten(0, (batch, seq_len))
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------
+
+
+class Embeddings(nn.Module):
+    """Word + position + token type (always 0) embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        if seq_len > self.position_embeddings.num_embeddings:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_position_embeddings "
+                f"{self.position_embeddings.num_embeddings} of the model config"
+            )
+        # Position and token-type rows are shared by the whole batch: add them once, as [S, H].
+        position_and_type = (
+            self.position_embeddings.weight[:seq_len] + self.token_type_embeddings.weight[0]
+        )
+        hidden = self.word_embeddings(input_ids) + position_and_type  # [batch, seq, hidden]
+        return self.dropout(self.norm(hidden))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
+
+    ``hidden_q`` [B, Q, H] gives the queries (and the residual stream); ``hidden_kv``
+    [B, S, H] gives keys and values, defaulting to ``hidden_q`` (self-attention, fused QKV
+    projection). ``key_padding_mask`` [B, S] bool, True = real token, masks keys.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.attention_dropout = cfg.attention_dropout_p
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # rows: query, key, value
+        self.attn_out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def attention(
+        self,
+        hidden_q: torch.Tensor,
+        hidden_kv: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        batch, num_q, hidden_size = hidden_q.shape
+        heads, head_dim = self.num_heads, hidden_size // self.num_heads
+        if hidden_kv is None:
+            # One GEMM for q, k and v; [3, batch, heads, num_q, head_dim] as strided views.
+            qkv = self.qkv(hidden_q).view(batch, num_q, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            # Queries from a subset of the tokens (the boundary layer; the last layer in training):
+            # the row blocks of the fused weight are contiguous views, so no copy.
+            num_kv = hidden_kv.shape[1]
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(hidden_q, weight[:hidden_size], bias[:hidden_size])
+            q = q.view(batch, num_q, heads, head_dim).transpose(1, 2)
+            kv = F.linear(hidden_kv, weight[hidden_size:], bias[hidden_size:])
+            k, v = kv.view(batch, num_kv, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0
+        )  # [batch, heads, num_q, head_dim]
+        return self.attn_out(attn.transpose(1, 2).reshape(batch, num_q, hidden_size))
+
+    def forward(
+        self,
+        hidden_q: torch.Tensor,
+        hidden_kv: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        attn = self.attention(hidden_q, hidden_kv, key_padding_mask)
+        hidden = self.attn_norm(hidden_q + self.dropout(attn))
+        ffn = self.ffn_out(F.gelu(self.ffn_in(hidden)))
+        return self.ffn_norm(hidden + self.dropout(ffn))
+
+
+class TokenDropEncoder(nn.Module):
+    """The encoder stack; with ``kept_idx`` the middle layers see only the kept tokens."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.split = layer_split(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        kept_idx: torch.Tensor | None = None,
+        output_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden [B, S, H] -> [B, S, H], or [B, P, H] at output_idx [B, P] when given.
+
+        key_padding_mask [B, S] bool (True = real token) or None; kept_idx [B, K] int64
+        sorted, or None for the full sequence everywhere (evaluation, export, dense baseline).
+        With output_idx the last layer computes only those positions (their queries still
+        attend over the whole sequence): the MLM loss needs no other final state.
+        """
+        *middle, last = self.layers
+        if kept_idx is None:
+            for layer in middle:
+                hidden = layer(hidden, key_padding_mask=key_padding_mask)
+        else:
+            boundary, last_dropped = self.split
+            for layer in middle[:boundary]:
+                hidden = layer(hidden, key_padding_mask=key_padding_mask)
+
+            # Boundary layer: kept tokens query all tokens. The padding mask follows the
+            # gather, so a kept [PAD] (only in rows with fewer than K real tokens) stays masked.
+            kept = gather_tokens(hidden, kept_idx)  # [batch, kept, hidden]
+            kept_padding_mask = (
+                None if key_padding_mask is None else gather_tokens(key_padding_mask, kept_idx)
+            )
+            kept = middle[boundary](kept, hidden, key_padding_mask)
+            for layer in middle[boundary + 1 : last_dropped + 1]:
+                kept = layer(kept, key_padding_mask=kept_padding_mask)
+
+            # Dropped tokens rejoin with the state they had entering the boundary layer.
+            hidden = scatter_tokens(hidden, kept, kept_idx)  # [batch, seq, hidden]
+            for layer in middle[last_dropped + 1 :]:
+                hidden = layer(hidden, key_padding_mask=key_padding_mask)
+
+        if output_idx is None:
+            return last(hidden, key_padding_mask=key_padding_mask)
+        # [batch, P, hidden]: queries at output_idx, keys/values from the whole sequence
+        return last(gather_tokens(hidden, output_idx), hidden, key_padding_mask)
+
+
+class MlmHead(nn.Module):
+    """BERT's prediction head: dense + GELU + LayerNorm, then the decoder tied to the embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)  # weight tied by the model
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., V]."""
+        return self.decoder(self.norm(F.gelu(self.dense(hidden))))
+
+
+class MlmOutput(NamedTuple):
+    loss: torch.Tensor  # scalar: mean cross-entropy over the predicted positions
+    token_losses: torch.Tensor  # [N] float32, detached: what the importance table accumulates
+    target_ids: torch.Tensor  # [N] int64: the label ids of those positions
+    num_correct: torch.Tensor  # int64 scalar: argmax predictions equal to the label
+    num_predictions: int  # N
+
+
+def key_padding_mask_of(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """attention_mask [B, S] (1/True = real token) -> bool [B, S], or None when nothing is
+    padded: SDPA then skips masking altogether (Hugging Face BERT does the same)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    return None if bool(mask.all()) else mask
+
+
+def prediction_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted positions per row: labels [B, S] -> positions [B, P] int64, valid [B, P] bool.
+
+    P is the largest number of predicted positions in a row (at least 1). Row b lists its
+    predicted positions in ascending order, then filler positions marked invalid, so that
+    ``x[valid]`` of a per-position tensor x [B, P, ...] follows the row-major order of
+    ``labels != -100``.
+    """
+    predicted = labels != IGNORE_INDEX  # [batch, seq]
+    counts = predicted.sum(dim=1)  # [batch]
+    width = max(int(counts.max()), 1) if labels.numel() else 1
+    order = predicted.to(torch.int32).argsort(dim=1, descending=True, stable=True)
+    positions = order[:, :width]  # [batch, P]
+    valid = torch.arange(width, device=labels.device)[None, :] < counts[:, None]  # [batch, P]
+    return positions, valid
+
+
+def masked_lm_loss(head: MlmHead, hidden: torch.Tensor, target_ids: torch.Tensor) -> MlmOutput:
+    """Sparse prediction: hidden [N, H] of the N predicted positions, target_ids [N] int64."""
+    logits = head(hidden)  # [N, vocab]
+    # The loss in at least float32 whatever the compute dtype (bf16/fp16 training).
+    logits_fp32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    token_losses = F.cross_entropy(logits_fp32, target_ids, reduction="none")  # [N]
+    num_predictions = target_ids.numel()
+    loss = token_losses.sum() / max(num_predictions, 1)
+    with torch.no_grad():
+        num_correct = (logits.argmax(dim=-1) == target_ids).sum()
+    return MlmOutput(loss, token_losses.detach(), target_ids, num_correct, num_predictions)
+
+
+class BertForTokenDropPretraining(nn.Module):
+    """Embeddings -> token-dropping encoder -> sparse MLM head (MLM only, no NSP)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = TokenDropEncoder(cfg)
+        self.mlm_head = MlmHead(cfg)
+        self.mlm_head.decoder.weight = self.embeddings.word_embeddings.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # BERT's initialisation: N(0, 0.02) weights, zero biases, LayerNorm = identity.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.initializer_range)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kept_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [B, S, H]; tokens are dropped in the middle layers iff kept_idx."""
+        hidden = self.embeddings(input_ids)
+        return self.encoder(hidden, key_padding_mask_of(attention_mask), kept_idx)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        kept_idx: torch.Tensor | None = None,
+    ) -> MlmOutput:
+        """input_ids [B, S], attention_mask [B, S] (True/1 = real token) or None,
+        labels [B, S] (-100 = not predicted), kept_idx [B, K] int64 sorted, or None (no dropping).
+
+        Only the predicted positions go through the last layer's queries and the head.
+        """
+        output_idx, output_valid = prediction_positions(labels)  # [batch, P]
+        hidden = self.embeddings(input_ids)
+        hidden = self.encoder(hidden, key_padding_mask_of(attention_mask), kept_idx, output_idx)
+        target_ids = labels.gather(1, output_idx)[output_valid]  # [N]
+        return masked_lm_loss(self.mlm_head, hidden[output_valid], target_ids)
+
+    def full_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """MLM logits [B, S, V] at every position, no dropping (evaluation and export checks)."""
+        return self.mlm_head(self.encode(input_ids, attention_mask))
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face naming (export)
+# ---------------------------------------------------------------------------------------
+
+
+def hf_bert_state_dict(model: BertForTokenDropPretraining) -> dict[str, torch.Tensor]:
+    """The model's weights under ``transformers.BertForMaskedLM`` names (fused QKV split)."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    hidden = model.cfg.hidden_size
+    out = {
+        "bert.embeddings.word_embeddings.weight": sd["embeddings.word_embeddings.weight"],
+        "bert.embeddings.position_embeddings.weight": sd["embeddings.position_embeddings.weight"],
+        "bert.embeddings.token_type_embeddings.weight": sd[
+            "embeddings.token_type_embeddings.weight"
+        ],
+        "bert.embeddings.LayerNorm.weight": sd["embeddings.norm.weight"],
+        "bert.embeddings.LayerNorm.bias": sd["embeddings.norm.bias"],
+        "cls.predictions.transform.dense.weight": sd["mlm_head.dense.weight"],
+        "cls.predictions.transform.dense.bias": sd["mlm_head.dense.bias"],
+        "cls.predictions.transform.LayerNorm.weight": sd["mlm_head.norm.weight"],
+        "cls.predictions.transform.LayerNorm.bias": sd["mlm_head.norm.bias"],
+        "cls.predictions.decoder.weight": sd["mlm_head.decoder.weight"],
+        "cls.predictions.decoder.bias": sd["mlm_head.decoder.bias"],
+        "cls.predictions.bias": sd["mlm_head.decoder.bias"],
+    }
+    for i in range(model.cfg.num_layers):
+        ours, hf = f"encoder.layers.{i}.", f"bert.encoder.layer.{i}."
+        for name in ("weight", "bias"):
+            q, k, v = sd[f"{ours}qkv.{name}"].split(hidden)
+            out[f"{hf}attention.self.query.{name}"] = q
+            out[f"{hf}attention.self.key.{name}"] = k
+            out[f"{hf}attention.self.value.{name}"] = v
+        renames = {
+            "attn_out": "attention.output.dense",
+            "attn_norm": "attention.output.LayerNorm",
+            "ffn_in": "intermediate.dense",
+            "ffn_out": "output.dense",
+            "ffn_norm": "output.LayerNorm",
+        }
+        for src, dst in renames.items():
+            out[f"{hf}{dst}.weight"] = sd[f"{ours}{src}.weight"]
+            out[f"{hf}{dst}.bias"] = sd[f"{ours}{src}.bias"]
+    return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, tied weights counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PRESETS",
+    "BertForTokenDropPretraining",
+    "Embeddings",
+    "EncoderLayer",
+    "LayerSplit",
+    "MlmHead",
+    "MlmOutput",
+    "ModelConfig",
+    "TokenDropEncoder",
+    "count_parameters",
+    "gather_tokens",
+    "hf_bert_state_dict",
+    "layer_split",
+    "key_padding_mask_of",
+    "masked_lm_loss",
+    "num_kept_tokens",
+    "prediction_positions",
+    "scatter_tokens",
+]

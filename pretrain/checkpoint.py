@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_prep.pack import write_atomic
 from pretrain.config import ConfigError
 
 LATEST = "latest"
@@ -160,10 +161,12 @@ def save(engine, run_dir: str, step: int, client_state: dict, run_state: dict) -
     torch.save(rng_state(), os.path.join(ref.path, "rng", f"rank{rank:05d}.pt"))
     engine.save_checkpoint(directory, tag=ref.tag, client_state=client_state, save_latest=False)
     if rank == 0:
-        _write_atomic(os.path.join(ref.path, "run_state.json"), json.dumps(run_state, indent=2))
+        write_atomic(
+            os.path.join(ref.path, "run_state.json"), json.dumps(run_state, indent=2).encode()
+        )
     dist.barrier()  # every rank's shards are on disk before `latest` names them
     if rank == 0:
-        _write_atomic(os.path.join(directory, LATEST), ref.tag)
+        write_atomic(os.path.join(directory, LATEST), ref.tag.encode())
     dist.barrier()
     return ref
 
@@ -177,12 +180,3 @@ def load(engine, ref: CheckpointRef) -> dict:
     if os.path.isfile(rng):
         set_rng_state(torch.load(rng, weights_only=False))
     return client_state
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -18,17 +18,44 @@ def manifest(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loader")
     write_txt(tmp / "c.txt", documents(600, seed=7))
     out = str(tmp / "data")
-    assert data_prep(["--input", str(tmp / "c.txt"), "--output", out, "--seq-len", "32",
-                      "--vocab-size", "200", "--workers", "1", "--shard-rows", "100",
-                      "--valid-fraction", "0.1"]) == 0
+    assert (
+        data_prep(
+            [
+                "--input",
+                str(tmp / "c.txt"),
+                "--output",
+                out,
+                "--seq-len",
+                "32",
+                "--vocab-size",
+                "200",
+                "--workers",
+                "1",
+                "--shard-rows",
+                "100",
+                "--valid-fraction",
+                "0.1",
+            ]
+        )
+        == 0
+    )
     return load_manifest(out)
 
 
 def make_loader(manifest, dp_rank=0, dp_size=1, micro=4, global_batch=16, consumed=0):
     special = manifest.special
     masker = DynamicMasker(special.all, special.mask, manifest.vocab_size, seed=3)
-    return PretrainLoader(TokenShards(manifest, "train"), masker, special.pad, global_batch, micro,
-                          dp_rank, dp_size, seed=11, consumed_samples=consumed)
+    return PretrainLoader(
+        TokenShards(manifest, "train"),
+        masker,
+        special.pad,
+        global_batch,
+        micro,
+        dp_rank,
+        dp_size,
+        seed=11,
+        consumed_samples=consumed,
+    )
 
 
 def step_batches(loader):
@@ -51,8 +78,10 @@ def test_data_parallel_ranks_split_the_same_global_batch(manifest):
         split = [b for loader in two for b in step_batches(loader)]
         for field in ("sample_indices", "input_ids", "labels"):
             # same samples and the same masks whatever the data-parallel layout
-            assert torch.equal(torch.cat([getattr(b, field) for b in single]),
-                               torch.cat([getattr(b, field) for b in split]))
+            assert torch.equal(
+                torch.cat([getattr(b, field) for b in single]),
+                torch.cat([getattr(b, field) for b in split]),
+            )
 
 
 def test_resume_from_consumed_samples_gives_the_same_batches(manifest):
@@ -84,7 +113,10 @@ def test_batches_are_masked_and_padded_correctly(manifest):
     special = manifest.special
     predicted = batch.labels != -100
     assert predicted.any()
-    assert (batch.attention_mask == (TokenShards(manifest, "train").gather(batch.sample_indices.numpy()) != special.pad)).all()
+    assert (
+        batch.attention_mask
+        == (TokenShards(manifest, "train").gather(batch.sample_indices.numpy()) != special.pad)
+    ).all()
     assert not (predicted & ~batch.attention_mask).any(), "padding is never predicted"
 
 

@@ -481,15 +481,40 @@ def test_job_array_phases_give_the_same_bytes_as_one_run(tmp_path):
     write_txt(big, documents(4000, seed=8))
     single = prep(tmp_path, [big], "single", "--unit-mb", "0.2")
     out = str(tmp_path / "array")
-    base = [sys.executable, "-m", "data_prep", "--input", str(big), "--output", out,
-            "--seq-len", "32", "--vocab-size", "200", "--workers", "1", "--unit-mb", "0.2"]
+    base = [
+        sys.executable,
+        "-m",
+        "data_prep",
+        "--input",
+        str(big),
+        "--output",
+        out,
+        "--seq-len",
+        "32",
+        "--vocab-size",
+        "200",
+        "--workers",
+        "1",
+        "--unit-mb",
+        "0.2",
+    ]
     subprocess.run([*base, "--phase", "tokenizer"], cwd=REPO, check=True, capture_output=True)
-    tasks = [subprocess.Popen([*base, "--phase", "encode", "--task-index", str(i), "--task-count", "3"],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for i in range(3)]
+    tasks = [
+        subprocess.Popen(
+            [*base, "--phase", "encode", "--task-index", str(i), "--task-count", "3"],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(3)
+    ]
     for t in tasks:
         assert t.wait(timeout=300) == 0, t.stderr.read()
-    units = [f for f in os.listdir(os.path.join(out, ".data_prep")) if f.endswith(".json") and f.startswith("unit-")]
+    units = [
+        f
+        for f in os.listdir(os.path.join(out, ".data_prep"))
+        if f.endswith(".json") and f.startswith("unit-")
+    ]
     assert len(units) >= 6 and not os.path.exists(os.path.join(out, "manifest.json"))
     subprocess.run(base, cwd=REPO, check=True, capture_output=True)
     assert tree_bytes(out) == tree_bytes(single)

@@ -421,7 +421,12 @@ def prediction_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def masked_lm_loss(head: MlmHead, hidden: torch.Tensor, target_ids: torch.Tensor) -> MlmOutput:
     """Sparse prediction: hidden [N, H] of the N predicted positions, target_ids [N] int64."""
-    logits = head(hidden)  # [N, vocab]
+    return mlm_loss(head(hidden), target_ids)  # logits [N, vocab]
+
+
+def mlm_loss(logits: torch.Tensor, target_ids: torch.Tensor) -> MlmOutput:
+    """Mean cross-entropy of logits [N, V] against target_ids [N], with the per-token losses
+    the importance table needs (also the pipeline's last-stage loss)."""
     # The loss in at least float32 whatever the compute dtype (bf16/fp16 training).
     logits_fp32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
     token_losses = F.cross_entropy(logits_fp32, target_ids, reduction="none")  # [N]
@@ -556,6 +561,7 @@ __all__ = [
     "layer_split",
     "key_padding_mask_of",
     "masked_lm_loss",
+    "mlm_loss",
     "num_kept_tokens",
     "prediction_positions",
     "scatter_tokens",

@@ -40,6 +40,7 @@ from pretrain.model import (
     ModelConfig,
     gather_tokens,
     layer_split,
+    mlm_loss,
     prediction_positions,
     scatter_tokens,
 )
@@ -183,15 +184,13 @@ class PipeLoss:
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         valid = targets != IGNORE_INDEX  # [B, P]
-        picked, target_ids = logits[valid], targets[valid]  # [N, V], [N]
-        token_losses = F.cross_entropy(picked.float(), target_ids, reduction="none")  # [N]
-        loss = token_losses.sum() / max(target_ids.numel(), 1)
-        self.loss_sum += float(token_losses.detach().sum())
-        self.predictions += target_ids.numel()
-        self.correct += float((picked.argmax(-1) == target_ids).sum())
+        out = mlm_loss(logits[valid], targets[valid])  # logits [N, V], targets [N]
+        self.loss_sum += float(out.token_losses.sum())
+        self.predictions += out.num_predictions
+        self.correct += float(out.num_correct)
         if self.training:
-            self.table.accumulate(target_ids, token_losses.detach())
-        return loss
+            self.table.accumulate(out.target_ids, out.token_losses)
+        return out.loss
 
 
 def layer_costs(cfg: ModelConfig, seq_len: int, keep_ratio: float) -> list[float]:

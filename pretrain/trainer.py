@@ -349,21 +349,23 @@ class Trainer:
         if not batches:
             return 0.0, 0.0, 0.0
         engine = self.engine
-        items = (
-            pipe_batch(
-                b.input_ids.to(self.device),
-                b.attention_mask.to(self.device),
-                b.labels.to(self.device),
-                self._kept_for_pipeline(b.input_ids.to(self.device), False, 0, False),
-                self.pipe_width,
-            )
-            for b in batches
-        )
+
+        def items():
+            for b in batches:
+                input_ids = b.input_ids.to(self.device)
+                yield pipe_batch(
+                    input_ids,
+                    b.attention_mask.to(self.device),
+                    b.labels.to(self.device),
+                    self._kept_for_pipeline(input_ids, False, 0, False),
+                    self.pipe_width,
+                )
+
         engine.reset_activation_shape()  # the full sequence: K = S
         self.pipe_loss.reset()
         self.pipe_loss.training = False
         first, last = engine.is_first_stage(), engine.is_last_stage()
-        engine.eval_batch(items if first or last else None, num_micro_batches=len(batches))
+        engine.eval_batch(items() if first or last else None, num_micro_batches=len(batches))
         engine.reset_activation_shape()
         self._pipe_dropping = None
         return self.pipe_loss.loss_sum, self.pipe_loss.predictions, self.pipe_loss.correct

@@ -32,7 +32,7 @@ from data_prep.builtin_corpus import builtin_name, fingerprint, write_builtin
 from data_prep.encode import SPLITS, EncodeSettings, encode_unit, init_worker, unit_done, unit_paths
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST, SpecialTokens, write_manifest
-from data_prep.pack import Packer, ShardWriter, write_atomic, write_token_counts
+from data_prep.pack import ShardWriter, write_atomic, write_token_counts
 from data_prep.sources import Source, plan_units, resolve_inputs
 from data_prep.tokenizer import load_tokenizer_file, special_ids, train_tokenizer
 
@@ -354,13 +354,14 @@ def _run_phases(
         return None
 
     # Phases 2 and 3: workers encode units while this process packs them, in corpus order
-    packers = {split: Packer(args.seq_len, dtype, special.cls, special.pad) for split in SPLITS}
     writers = {
         split: ShardWriter(
             out,
             split,
             args.seq_len,
             args.shard_rows,
+            dtype,
+            special.cls,
             special.pad,
             vocab_size if split == "train" else None,
         )
@@ -370,11 +371,11 @@ def _run_phases(
     for st in _encode_in_order(units, enc, tokenizer_bytes, args.workers, total_bytes):
         stats.append(st)
         for split in SPLITS:
-            tokens = np.fromfile(unit_paths(work, st["unit"])[split], dtype=dtype)
-            writers[split].add(packers[split].feed(tokens))
+            path = unit_paths(work, st["unit"])[split]
+            tokens = np.fromfile(path, dtype) if st["tokens"][split] else np.empty(0, dtype)
+            writers[split].feed(tokens)
     splits = {}
     for split in SPLITS:
-        writers[split].add(packers[split].finish())
         shards = writers[split].close()
         splits[split] = {
             "rows": sum(s.rows for s in shards),
@@ -404,7 +405,7 @@ def _run_phases(
         "settings": settings,
         "stats": {
             "input_bytes": total_bytes,
-            "chars": sum(st["chars"] for st in stats),
+            "text_bytes": sum(st["text_bytes"] for st in stats),
             "invalid_utf8_replaced": sum(st["invalid_utf8"] for st in stats),
             "seconds": round(time.time() - started, 2),
         },
@@ -468,7 +469,7 @@ def _summary(manifest: dict, out: str) -> str:
     st = manifest["stats"]
     lines = [
         f"data_prep: done in {st['seconds']:.1f} s -> {out}",
-        f"  input      {st['input_bytes'] / 1e6:,.1f} MB, {st['chars']:,} characters"
+        f"  input      {st['input_bytes'] / 1e6:,.1f} MB, {st['text_bytes'] / 1e6:,.1f} MB of text"
         + (
             f", {st['invalid_utf8_replaced']:,} invalid UTF-8 sequences replaced"
             if st["invalid_utf8_replaced"]

@@ -13,7 +13,7 @@
              "valid": {...}},
   "sources": [{"path": "...", "bytes": n}, ...],
   "settings": {...},            # what a rerun compares against
-  "stats": {...},               # bytes, chars, invalid UTF-8 replacements, seconds
+  "stats": {...},               # input bytes, text bytes, invalid UTF-8 replacements, seconds
   "command": "python -m data_prep ..."
 }
 ```

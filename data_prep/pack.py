@@ -3,9 +3,10 @@
 The stream is every unit's stream concatenated in corpus order (documents already end
 in [SEP]). Each sequence is [CLS] followed by the next ``seq_len - 1`` stream tokens,
 so long documents continue in the next sequence; only the split's last sequence is
-padded. Shards hold ``shard_rows`` sequences in the Arrow IPC file format. A shard
-that already exists under its final name is left as it is (a rerun's skip), which is
-safe because the bytes are a pure function of the inputs and settings.
+padded, and ``tokens`` in a shard's record counts everything but that padding. Shards
+hold ``shard_rows`` sequences in the Arrow IPC file format. A shard that already exists
+under its final name is left as it is (a rerun's skip), which is safe because the bytes
+are a pure function of the inputs and settings.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
+_COUNT_SLICE = 1 << 20  # tokens counted at a time
 
 
 def shard_schema(seq_len: int, dtype: str) -> pa.Schema:
@@ -33,40 +36,6 @@ def _arrow(array: np.ndarray) -> pa.Array:
     )
 
 
-class Packer:
-    """Turns a token stream, fed in pieces, into rows of [CLS] + (seq_len - 1) tokens."""
-
-    def __init__(self, seq_len: int, dtype: str, cls_id: int, pad_id: int) -> None:
-        self.body = seq_len - 1
-        self.seq_len, self.dtype, self.cls_id, self.pad_id = (
-            seq_len,
-            np.dtype(dtype),
-            cls_id,
-            pad_id,
-        )
-        self.carry = np.empty(0, self.dtype)
-
-    def _rows(self, body: np.ndarray) -> np.ndarray:
-        rows = np.empty((len(body), self.seq_len), self.dtype)  # [rows, seq_len]
-        rows[:, 0] = self.cls_id
-        rows[:, 1:] = body
-        return rows
-
-    def feed(self, tokens: np.ndarray) -> np.ndarray:
-        stream = np.concatenate([self.carry, tokens]) if len(self.carry) else tokens
-        full = len(stream) // self.body
-        self.carry = stream[full * self.body :].copy()
-        return self._rows(stream[: full * self.body].reshape(full, self.body))
-
-    def finish(self) -> np.ndarray:
-        if not len(self.carry):
-            return self._rows(np.empty((0, self.body), self.dtype))
-        body = np.full((1, self.body), self.pad_id, self.dtype)
-        body[0, : len(self.carry)] = self.carry
-        self.carry = self.carry[:0]
-        return self._rows(body)
-
-
 @dataclass
 class ShardRecord:
     file: str  # relative to the data directory
@@ -75,7 +44,7 @@ class ShardRecord:
     sha256: str
 
 
-def serialize_shard(rows: np.ndarray, seq_len: int) -> bytes:
+def serialize_shard(rows: np.ndarray, seq_len: int) -> pa.Buffer:
     """The Arrow IPC file bytes of a shard: one ``input_ids`` fixed-size-list column, in
     one record batch, so a reader maps the whole shard as one array without copying."""
     schema = shard_schema(seq_len, rows.dtype.name)
@@ -83,10 +52,12 @@ def serialize_shard(rows: np.ndarray, seq_len: int) -> bytes:
     column = pa.FixedSizeListArray.from_arrays(_arrow(rows.reshape(-1)), seq_len)
     with pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(pa.record_batch([column], schema=schema))
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
-def write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data) -> None:
+    """Write ``data`` (bytes or any buffer) to ``path`` through a temporary file, so that
+    ``path`` either does not exist or is complete."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -96,7 +67,12 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 class ShardWriter:
-    """Collects rows into shards of ``shard_rows``; writes each one once, atomically."""
+    """Packs a split's token stream into rows, and the rows into shards written as they fill.
+
+    Each row is [CLS] followed by the next ``seq_len - 1`` stream tokens; the stream is fed
+    in pieces of any length. Rows are written straight into the shard being filled, so a
+    token is copied once on its way to the Arrow file.
+    """
 
     def __init__(
         self,
@@ -104,54 +80,84 @@ class ShardWriter:
         split: str,
         seq_len: int,
         shard_rows: int,
+        dtype: str,
+        cls_id: int,
         pad_id: int,
         count_vocab: int | None,
     ) -> None:
         self.data_dir, self.split = data_dir, split
-        self.seq_len, self.shard_rows, self.pad_id = seq_len, shard_rows, pad_id
-        self.pending: list[np.ndarray] = []
-        self.pending_rows = 0
+        self.seq_len, self.body, self.pad_id = seq_len, seq_len - 1, pad_id
+        self.shard = np.empty((shard_rows, seq_len), dtype)  # [shard_rows, seq_len]
+        self.shard[:, 0] = cls_id
+        self.filled = 0  # rows of self.shard filled so far
+        self.padding = 0  # [PAD]s in those rows
+        self.carry = np.empty(0, dtype)  # the start of the next row: < seq_len - 1 tokens
         self.shards: list[ShardRecord] = []
         self.written = self.skipped = 0
         # token counts of the split, when asked for (the train split's feed `frequency`)
         self.counts = np.zeros(count_vocab, np.int64) if count_vocab else None
         os.makedirs(os.path.join(data_dir, split), exist_ok=True)
 
-    def add(self, rows: np.ndarray) -> None:
-        while len(rows):
-            take = min(len(rows), self.shard_rows - self.pending_rows)
-            self.pending.append(rows[:take])
-            self.pending_rows += take
-            rows = rows[take:]
-            if self.pending_rows == self.shard_rows:
-                self._emit()
+    def feed(self, tokens: np.ndarray) -> None:
+        """Append stream tokens; rows that are complete go into the shard."""
+        if len(self.carry):
+            need = self.body - len(self.carry)
+            if len(tokens) < need:
+                self.carry = np.concatenate([self.carry, tokens])
+                return
+            self._put(np.concatenate([self.carry, tokens[:need]])[None])
+            tokens = tokens[need:]
+        full = len(tokens) // self.body
+        self._put(tokens[: full * self.body].reshape(full, self.body))
+        self.carry = tokens[full * self.body :].copy()
 
     def close(self) -> list[ShardRecord]:
-        if self.pending_rows:
+        """Pad the last row, write the last shard; return every shard's record."""
+        if len(self.carry):
+            row = np.full((1, self.body), self.pad_id, self.shard.dtype)
+            row[0, : len(self.carry)] = self.carry
+            self.padding += self.body - len(self.carry)
+            self.carry = self.carry[:0]
+            self._put(row)
+        if self.filled:
             self._emit()
         return self.shards
 
+    def _put(self, bodies: np.ndarray) -> None:
+        """Copy row bodies [n, seq_len - 1] after the [CLS] column, emitting full shards."""
+        while len(bodies):
+            take = min(len(bodies), len(self.shard) - self.filled)
+            self.shard[self.filled : self.filled + take, 1:] = bodies[:take]
+            self.filled += take
+            bodies = bodies[take:]
+            if self.filled == len(self.shard):
+                self._emit()
+
     def _emit(self) -> None:
-        rows = np.concatenate(self.pending)  # [shard_rows, seq_len]
-        self.pending, self.pending_rows = [], 0
+        rows = self.shard[: self.filled]  # [rows, seq_len], contiguous
         name = f"{self.split}/shard-{len(self.shards):05d}.arrow"
-        data = serialize_shard(rows, self.seq_len)
+        data = serialize_shard(rows, self.seq_len)  # a copy: self.shard is reused
         path = os.path.join(self.data_dir, name)
-        if os.path.exists(path) and os.path.getsize(path) == len(data):
+        if os.path.exists(path) and os.path.getsize(path) == data.size:
             self.skipped += 1
         else:
             write_atomic(path, data)
             self.written += 1
         if self.counts is not None:
-            self.counts += np.bincount(rows.reshape(-1), minlength=len(self.counts))
+            flat = rows.reshape(-1)
+            # in slices: bincount widens its input to int64, and a slice's copy stays in cache
+            for start in range(0, len(flat), _COUNT_SLICE):
+                piece = flat[start : start + _COUNT_SLICE]
+                self.counts += np.bincount(piece, minlength=len(self.counts))
         self.shards.append(
             ShardRecord(
                 file=name,
                 rows=len(rows),
-                tokens=int(np.count_nonzero(rows != self.pad_id)),
+                tokens=rows.size - self.padding,
                 sha256=hashlib.sha256(data).hexdigest(),
             )
         )
+        self.filled = self.padding = 0
 
 
 def write_token_counts(path: str, counts: np.ndarray) -> str:

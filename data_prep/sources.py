@@ -260,28 +260,70 @@ def _blocks(segment: Segment) -> Iterator[tuple[int, bytes]]:
         raise DataPrepError(f"{segment.path}: cannot read ({e})") from None
 
 
-def iter_documents(segment: Segment, text_field: str, utf8: Utf8Counter) -> Iterator[str]:
-    """The documents of one segment, in file order, stripped; empty ones are skipped."""
+def iter_documents(segment: Segment, text_field: str, utf8: Utf8Counter) -> Iterator[bytes]:
+    """The documents of one segment, in file order, as stripped, non-empty, valid UTF-8
+    bytes (invalid sequences replaced)."""
+    for batch in iter_document_batches(segment, text_field, utf8):
+        yield from batch
+
+
+def iter_document_batches(
+    segment: Segment, text_field: str, utf8: Utf8Counter
+) -> Iterator[list[bytes]]:
+    """The documents of :func:`iter_documents`, a few MB of them at a time.
+
+    Bytes, not str: SentencePiece takes them as they are, and text that is already valid
+    UTF-8 is never decoded and encoded again. Batches, not single documents: at a few
+    hundred bytes a document, a generator step per document costs as much as the
+    reading itself.
+    """
     if segment.kind == "txt":
-        yield from _txt_documents(segment, utf8)
-    elif segment.kind in ("jsonl", "jsonl.gz"):
-        yield from _jsonl_documents(segment, text_field, utf8)
+        yield from _txt_batches(segment, utf8)
+        return
+    if segment.kind in ("jsonl", "jsonl.gz"):
+        texts = _jsonl_documents(segment, text_field, utf8)
     else:
-        yield from _parquet_documents(segment, text_field)
+        texts = _parquet_documents(segment, text_field)
+    batch: list[bytes] = []
+    size = 0
+    for text in texts:
+        batch.append(text.encode("utf-8", "replace"))  # "?" for a lone surrogate escape
+        size += len(batch[-1])
+        if size >= _READ_BLOCK:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
-def _txt_documents(segment: Segment, utf8: Utf8Counter) -> Iterator[str]:
+# what str.strip() removes from ASCII text, so that both paths below strip alike
+_ASCII_WHITESPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+
+
+def _clean(pieces: list[bytes], utf8: Utf8Counter) -> list[bytes]:
+    """Stripped, non-empty, valid UTF-8 documents from raw pieces of a text file."""
+    if all(map(bytes.isascii, pieces)):  # the common case: valid UTF-8, nothing to decode
+        return [doc for piece in pieces if (doc := piece.strip(_ASCII_WHITESPACE))]
+    docs = (
+        piece.strip(_ASCII_WHITESPACE)
+        if piece.isascii()
+        else utf8.decode(piece).strip().encode("utf-8")
+        for piece in pieces
+    )
+    return [doc for doc in docs if doc]
+
+
+def _txt_batches(segment: Segment, utf8: Utf8Counter) -> Iterator[list[bytes]]:
     carry = b""
     for _, block in _blocks(segment):
         pieces = _DOC_SEPARATOR.split(carry + block)
         carry = pieces.pop()
-        for piece in pieces:
-            text = utf8.decode(piece).strip()
-            if text:
-                yield text
-    text = utf8.decode(carry).strip()
-    if text:
-        yield text
+        docs = _clean(pieces, utf8)
+        if docs:
+            yield docs
+    docs = _clean([carry], utf8)
+    if docs:
+        yield docs
 
 
 def _jsonl_documents(segment: Segment, text_field: str, utf8: Utf8Counter) -> Iterator[str]:

@@ -64,7 +64,7 @@ def sample_documents(
     for u in order:
         for segment in units[u].segments:
             for doc in iter_documents(segment, text_field, utf8):
-                yield doc
+                yield doc.decode("utf-8")
                 taken += len(doc)
                 if taken >= budget_bytes:
                     return

@@ -5,7 +5,7 @@
 Side by side in one run, on the same corpus, tokenizer and number of worker processes:
 
 - raw: the corpus' documents already in memory, split across ``workers`` processes that
-  do nothing but ``SentencePieceProcessor.encode`` (the ceiling for data_prep);
+  do nothing but ``SentencePieceProcessor.encode`` on them (the ceiling for data_prep);
 - pipeline: ``python -m data_prep --tokenizer MODEL`` end to end (reading, splitting,
   encoding, packing, Arrow shards, hashes, manifest), timed as a subprocess;
 - memory: the pipeline's peak resident memory (all its processes together, sampled every
@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import pickle
 import platform
 import random
 import shutil
@@ -35,24 +36,38 @@ import time
 import psutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# as ``python -m data_prep`` does for itself: OpenBLAS's idle threads, started when numpy
+# is imported, would take CPU time from the raw encoding workers (measured: up to 10%)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, REPO)
 
 from data_prep.builtin_corpus import write_builtin  # noqa: E402
 
 
-def make_corpus(path: str, mb: float, seed: int) -> list[str]:
+def make_corpus(path: str, mb: float, seed: int, doc_kb: float = 0) -> list[str]:
+    """Write a corpus of about ``mb`` MB to ``path``; return its documents.
+
+    The built-in corpus' docstrings, shuffled and repeated (seeded). They average under
+    300 bytes, far below the documents of real pretraining corpora (Wikipedia and C4
+    average a few KB), which makes per-document costs weigh more than usual; with
+    ``doc_kb``, consecutive docstrings are joined into documents of about that size.
+    """
     base = os.path.join(os.path.dirname(path), "builtin.txt")
     if not os.path.exists(base):
         write_builtin("python-docstrings", base)
     with open(base, encoding="utf-8") as f:
         docs = [d for d in f.read().split("\n\n") if d.strip()]
     rng = random.Random(seed)
-    out, size = [], 0
+    out, size, current = [], 0, []
     while size < mb * 1e6:
         rng.shuffle(docs)
         for d in docs:
-            out.append(d)
-            size += len(d.encode()) + 2
+            current.append(d)
+            if sum(map(len, current)) < doc_kb * 1e3:
+                continue
+            out.append("\n".join(current))
+            current = []
+            size += len(out[-1].encode()) + 2
             if size >= mb * 1e6:
                 break
     with open(path, "w", encoding="utf-8") as f:
@@ -60,45 +75,62 @@ def make_corpus(path: str, mb: float, seed: int) -> list[str]:
     return out
 
 
-_sp = None
-_chunks: list[list[bytes]] = []  # each raw worker's documents, inherited through fork
+_RAW_BATCH = 1024  # documents per SentencePiece call
 
 
-def _init(model: str) -> None:
-    global _sp
+def _raw_worker(model: str, docs_file: str, barrier, next_batch, ends) -> None:
+    """Encode batches of the documents pickled in ``docs_file``, taking the next batch
+    number from the shared counter ``next_batch`` until none is left; report (tokens,
+    end time). Everything before the barrier is untimed."""
     import sentencepiece as spm
 
-    _sp = spm.SentencePieceProcessor(model_file=model)
-
-
-def _encode(worker: int) -> int:
-    # SentencePiece's fastest public call: UTF-8 bytes in, int32 numpy arrays out, a batch
-    # at a time
-    docs, tokens = _chunks[worker], 0
-    for i in range(0, len(docs), 1024):
-        batch = _sp.encode(docs[i : i + 1024], out_type="numpy", num_threads=1)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    with open(docs_file, "rb") as f:
+        docs = pickle.load(f)
+    sp.encode([b"warm up"], out_type="numpy", num_threads=1)
+    barrier.wait()
+    tokens = 0
+    while True:
+        with next_batch.get_lock():
+            start = next_batch.value * _RAW_BATCH
+            next_batch.value += 1
+        if start >= len(docs):
+            break
+        # SentencePiece's fastest public call: UTF-8 bytes in, int32 numpy arrays out
+        batch = sp.encode(docs[start : start + _RAW_BATCH], out_type="numpy", num_threads=1)
         tokens += sum(map(len, batch))
-    return tokens
+    ends.put((tokens, time.perf_counter()))
 
 
-def raw_encode(docs: list[str], model: str, workers: int) -> tuple[float, int]:
-    """Seconds for ``workers`` processes to encode ``docs``, which they already hold in
-    memory (forked after the documents were split among them: nothing is sent)."""
-    global _chunks
-    _chunks = [[d.encode() for d in docs[i::workers]] for i in range(workers)]
-    ctx = multiprocessing.get_context("fork")
-    try:
-        with ctx.Pool(workers, initializer=_init, initargs=(model,)) as pool:
-            pool.map(_sp_warm_up, range(workers), chunksize=1)
-            t0 = time.perf_counter()
-            tokens = sum(pool.map(_encode, range(workers), chunksize=1))
-            return time.perf_counter() - t0, tokens
-    finally:
-        _chunks = []
-
-
-def _sp_warm_up(_: int) -> None:
-    _sp.encode([b"warm up"], out_type="numpy", num_threads=1)
+def raw_encode(docs: list[str], model: str, workers: int, tmp: str) -> tuple[float, int]:
+    """Seconds for ``workers`` processes to encode ``docs``. Each holds all the documents
+    in its own memory before the clock starts, and they share the work a batch at a time
+    (as data_prep's workers share units), so that a worker slowed down by the machine
+    does not hold the others back. Nothing is read, sent or shared but a batch counter
+    while they run: inherited through fork, the documents would be copied page by page as
+    the workers touch them (at 1 GB that made raw encoding slower than data_prep itself),
+    and split out of a freshly read file they lie scattered in the heap (measured ~10%
+    slower at 100 MB); either would flatter data_prep. Returns (seconds, tokens)."""
+    docs_file = os.path.join(tmp, "raw-docs.pickle")
+    with open(docs_file, "wb") as f:
+        pickle.dump([d.encode() for d in docs], f)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, next_batch, ends = ctx.Barrier(workers + 1), ctx.Value("q", 0), ctx.Queue()
+    procs = [
+        ctx.Process(target=_raw_worker, args=(model, docs_file, barrier, next_batch, ends))
+        for _ in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    barrier.wait(timeout=600)  # a worker that died before it raises BrokenBarrierError
+    t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+    results = [ends.get(timeout=3600) for _ in procs]
+    for proc in procs:
+        proc.join()
+        if proc.exitcode:
+            raise SystemExit(f"raw encoding worker failed with exit code {proc.exitcode}")
+    os.remove(docs_file)
+    return max(end for _, end in results) - t0, sum(tokens for tokens, _ in results)
 
 
 def run_pipeline(cmd: list[str]) -> tuple[float, int]:
@@ -139,13 +171,19 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds (medians)")
+    p.add_argument(
+        "--doc-kb",
+        type=float,
+        default=0,
+        help="join docstrings into documents of about this size (0: docstrings as they are)",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--skip-memory", action="store_true", help="skip the 10x memory run")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_data_prep_") as tmp:
         small = os.path.join(tmp, "small.txt")
-        docs = make_corpus(small, args.mb, seed=0)
+        docs = make_corpus(small, args.mb, seed=0, doc_kb=args.doc_kb)
         size = os.path.getsize(small)
 
         # a tokenizer for both contenders (training is timed on its own)
@@ -182,7 +220,7 @@ def main() -> None:
         # Interleaved rounds, so that machine noise hits both contenders alike; medians.
         raw_runs, pipe_runs, pipe_inner, peaks = [], [], [], []
         for r in range(args.repeat):
-            raw_s, raw_tokens = raw_encode(docs, model, args.workers)
+            raw_s, raw_tokens = raw_encode(docs, model, args.workers, tmp)
             raw_runs.append(raw_s)
             out = os.path.join(tmp, f"pipe-{r}")
             pipe_s, pipe_peak = run_pipeline(
@@ -208,6 +246,7 @@ def main() -> None:
             "workers": args.workers,
             "corpus_bytes": size,
             "documents": len(docs),
+            "mean_document_bytes": round(size / len(docs)),
             "rounds": args.repeat,
             "first_run_with_tokenizer_training_s": round(first_run, 2),
             "raw_encode_s": round(raw_s, 3),
@@ -219,15 +258,19 @@ def main() -> None:
             "pipeline_MBps": round(size / 1e6 / pipe_s, 3),
             "pipeline_tokens": pipe_tokens,
             "pipeline_over_raw_throughput": round(raw_s / pipe_s, 3),
+            "pipeline_over_raw_per_round": [round(r / p, 3) for r, p in zip(raw_runs, pipe_runs)],
             # data_prep's own clock: from its argument check to the manifest written, i.e.
             # without the interpreter's start and the imports (~0.1 s)
             "pipeline_in_process_s": inner_s,
             "pipeline_in_process_over_raw_throughput": round(raw_s / inner_s, 3),
+            "pipeline_in_process_over_raw_per_round": [
+                round(r / p, 3) for r, p in zip(raw_runs, pipe_inner)
+            ],
             "peak_rss_MB": round(pipe_peak / 1e6, 1),
         }
         if not args.skip_memory:
             large = os.path.join(tmp, "large.txt")
-            make_corpus(large, args.mb * 10, seed=1)
+            make_corpus(large, args.mb * 10, seed=1, doc_kb=args.doc_kb)
             large_s, large_peak = run_pipeline(
                 [
                     *base,

@@ -372,7 +372,8 @@ def _run_phases(
         stats.append(st)
         for split in SPLITS:
             path = unit_paths(work, st["unit"])[split]
-            tokens = np.fromfile(path, dtype) if st["tokens"][split] else np.empty(0, dtype)
+            # mapped, not read: the tokens are copied once, from the page cache into the shard
+            tokens = np.memmap(path, dtype, "r") if st["tokens"][split] else np.empty(0, dtype)
             writers[split].feed(tokens)
     splits = {}
     for split in SPLITS:

@@ -29,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.attention import attention
+
 IGNORE_INDEX = -100  # label of positions that are not predicted (PyTorch/HF convention)
+ATTENTION_KERNELS = ("auto", "sdpa")
 
 # ---------------------------------------------------------------------------------------
 # Configuration
@@ -60,6 +63,9 @@ class ModelConfig:
     initializer_range: float = 0.02
     drop_start_layer: int | None = None  # boundary layer; None: num_layers // 2 - 1
     drop_end_layer: int | None = None  # last kept-tokens-only layer; None: num_layers - 2
+    # "auto": SDPA, except attention dropout in float32 CPU training, where PyTorch has no
+    # fused kernel and pretrain.attention's own is faster (same semantics); "sdpa": always SDPA
+    attention_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in (
@@ -88,6 +94,11 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"ModelConfig.attention_kernel must be one of {ATTENTION_KERNELS}, "
+                f"got {self.attention_kernel!r}"
+            )
         if self.layer_norm_eps <= 0 or self.initializer_range <= 0:
             raise ValueError("ModelConfig.layer_norm_eps and initializer_range must be > 0")
         layer_split(self)  # validates drop_start_layer / drop_end_layer
@@ -272,6 +283,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.attention_dropout = cfg.attention_dropout_p
+        self.attention_kernel = cfg.attention_kernel
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # rows: query, key, value
         self.attn_out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -301,10 +313,9 @@ class EncoderLayer(nn.Module):
             q = q.view(batch, num_q, heads, head_dim).transpose(1, 2)
             kv = F.linear(hidden_kv, weight[hidden_size:], bias[hidden_size:])
             k, v = kv.view(batch, num_kv, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0
-        )  # [batch, heads, num_q, head_dim]
+        dropout_p = self.attention_dropout if self.training else 0.0
+        # [batch, heads, num_q, head_dim]
+        attn = attention(q, k, v, key_padding_mask, dropout_p, self.attention_kernel)
         return self.attn_out(attn.transpose(1, 2).reshape(batch, num_q, hidden_size))
 
     def forward(

@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.attention import attention
+from pretrain.kernels import KERNELS, Dropout, attention, token_cross_entropy
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (PyTorch/HF convention)
-ATTENTION_KERNELS = ("auto", "sdpa")
 
 # ---------------------------------------------------------------------------------------
 # Configuration
@@ -63,9 +62,9 @@ class ModelConfig:
     initializer_range: float = 0.02
     drop_start_layer: int | None = None  # boundary layer; None: num_layers // 2 - 1
     drop_end_layer: int | None = None  # last kept-tokens-only layer; None: num_layers - 2
-    # "auto": SDPA, except attention dropout in float32 CPU training, where PyTorch has no
-    # fused kernel and pretrain.attention's own is faster (same semantics); "sdpa": always SDPA
-    attention_kernel: str = "auto"
+    # "auto": pretrain.kernels' own attention dropout, dropout and cross-entropy in float32
+    # CPU training, where PyTorch's are unfused (same semantics); "torch": PyTorch's ops only
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         for name in (
@@ -94,11 +93,8 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value}")
-        if self.attention_kernel not in ATTENTION_KERNELS:
-            raise ValueError(
-                f"ModelConfig.attention_kernel must be one of {ATTENTION_KERNELS}, "
-                f"got {self.attention_kernel!r}"
-            )
+        if self.kernels not in KERNELS:
+            raise ValueError(f"ModelConfig.kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.layer_norm_eps <= 0 or self.initializer_range <= 0:
             raise ValueError("ModelConfig.layer_norm_eps and initializer_range must be > 0")
         layer_split(self)  # validates drop_start_layer / drop_end_layer
@@ -254,7 +250,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.kernels)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq_len = input_ids.shape[1]
@@ -283,14 +279,14 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.attention_dropout = cfg.attention_dropout_p
-        self.attention_kernel = cfg.attention_kernel
+        self.kernels = cfg.kernels
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # rows: query, key, value
         self.attn_out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.kernels)
 
     def attention(
         self,
@@ -315,7 +311,7 @@ class EncoderLayer(nn.Module):
             k, v = kv.view(batch, num_kv, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attention_dropout if self.training else 0.0
         # [batch, heads, num_q, head_dim]
-        attn = attention(q, k, v, key_padding_mask, dropout_p, self.attention_kernel)
+        attn = attention(q, k, v, key_padding_mask, dropout_p, self.kernels)
         return self.attn_out(attn.transpose(1, 2).reshape(batch, num_q, hidden_size))
 
     def forward(
@@ -430,17 +426,19 @@ def prediction_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return positions, valid
 
 
-def masked_lm_loss(head: MlmHead, hidden: torch.Tensor, target_ids: torch.Tensor) -> MlmOutput:
+def masked_lm_loss(
+    head: MlmHead, hidden: torch.Tensor, target_ids: torch.Tensor, kernels: str = "auto"
+) -> MlmOutput:
     """Sparse prediction: hidden [N, H] of the N predicted positions, target_ids [N] int64."""
-    return mlm_loss(head(hidden), target_ids)  # logits [N, vocab]
+    return mlm_loss(head(hidden), target_ids, kernels)  # logits [N, vocab]
 
 
-def mlm_loss(logits: torch.Tensor, target_ids: torch.Tensor) -> MlmOutput:
+def mlm_loss(logits: torch.Tensor, target_ids: torch.Tensor, kernels: str = "auto") -> MlmOutput:
     """Mean cross-entropy of logits [N, V] against target_ids [N], with the per-token losses
     the importance table needs (also the pipeline's last-stage loss)."""
     # The loss in at least float32 whatever the compute dtype (bf16/fp16 training).
     logits_fp32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    token_losses = F.cross_entropy(logits_fp32, target_ids, reduction="none")  # [N]
+    token_losses = token_cross_entropy(logits_fp32, target_ids, kernels)  # [N]
     num_predictions = target_ids.numel()
     loss = token_losses.sum() / max(num_predictions, 1)
     with torch.no_grad():
@@ -496,7 +494,7 @@ class BertForTokenDropPretraining(nn.Module):
         hidden = self.embeddings(input_ids)
         hidden = self.encoder(hidden, key_padding_mask_of(attention_mask), kept_idx, output_idx)
         target_ids = labels.gather(1, output_idx)[output_valid]  # [N]
-        return masked_lm_loss(self.mlm_head, hidden[output_valid], target_ids)
+        return masked_lm_loss(self.mlm_head, hidden[output_valid], target_ids, self.cfg.kernels)
 
     def full_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -174,8 +174,9 @@ class PipeLoss:
     the only one that sees the losses); ``training`` off during evaluation.
     """
 
-    def __init__(self, table):
+    def __init__(self, table, kernels: str = "auto"):
         self.table = table
+        self.kernels = kernels
         self.training = True
         self.reset()
 
@@ -184,7 +185,7 @@ class PipeLoss:
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         valid = targets != IGNORE_INDEX  # [B, P]
-        out = mlm_loss(logits[valid], targets[valid])  # logits [N, V], targets [N]
+        out = mlm_loss(logits[valid], targets[valid], self.kernels)  # logits [N, V], targets [N]
         self.loss_sum += float(out.token_losses.sum())
         self.predictions += out.num_predictions
         self.correct += float(out.num_correct)

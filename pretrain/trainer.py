@@ -68,7 +68,7 @@ class Trainer:
         if self.pipelined:
             from pretrain.pipeline import PipeLoss, build_pipeline, max_predictions
 
-            self.pipe_loss = PipeLoss(self.table)
+            self.pipe_loss = PipeLoss(self.table, resolved.model.kernels)
             self.pipe_width = max_predictions(self.manifest.seq_len)
             module, parts, self.stage_shares = build_pipeline(
                 resolved.model,

@@ -149,9 +149,10 @@ def test_gather_and_scatter_tokens():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_keeping_every_position_equals_dense(dropout):
-    dense = make_model(dropout=dropout).train()
-    dropped = make_model(dropout=dropout).train()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: pretrain.kernels
+def test_keeping_every_position_equals_dense(dropout, dtype):
+    dense = make_model(dropout=dropout, dtype=dtype).train()
+    dropped = make_model(dropout=dropout, dtype=dtype).train()
     ids, attention_mask, labels = random_batch(pad_from=12)
     batch, seq_len = ids.shape
     all_positions = torch.arange(seq_len).expand(batch, seq_len)
@@ -168,8 +169,10 @@ def test_keeping_every_position_equals_dense(dropout):
         out_drop.token_losses, out_dense.token_losses, rtol=1e-12, atol=1e-12
     )
     assert torch.equal(out_drop.target_ids, out_dense.target_ids)
+    # in float32, the gather's backward sums in another order: rounding differences only
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     for (name, p_dense), p_drop in zip(dense.named_parameters(), dropped.parameters()):
-        torch.testing.assert_close(p_drop.grad, p_dense.grad, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(p_drop.grad, p_dense.grad, **tol, msg=name)
 
 
 def _inputs_of(module, store, key):

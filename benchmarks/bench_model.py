@@ -5,9 +5,11 @@
 All three run in one process at the same size (fp32, dropout 0.1, random tokens with 15%
 masking) and take turns step by step, so machine noise hits them alike; the medians over
 the measured rounds are reported. The CPU pressure (Linux PSI) before and after is recorded:
-on a shared machine a high value means other processes competed for the cores. A step is forward, backward and torch.optim.AdamW.step():
+on a shared machine a high value means other processes competed for the cores. A step is
+forward, backward and torch.optim.AdamW.step():
 
-    dense   BertForTokenDropPretraining, no dropping (strategy none), sparse MLM head
+    dense   BertForTokenDropPretraining, no dropping (strategy none), sparse MLM head,
+            pretrain.kernels' CPU kernels (--kernels torch: PyTorch's ops only)
     drop    the same with loss_ema selection at keep_ratio 0.5, including select() and the
             importance table's accumulate + synchronize_and_apply
     hf      transformers.BertForMaskedLM (attn_implementation="sdpa"), the loss over all
@@ -95,7 +97,12 @@ def cpu_pressure() -> float | None:
 
 
 def bench_config(
-    name: str, steps: int, warmup: int, seed: int, attention_dropout: float | None = None
+    name: str,
+    steps: int,
+    warmup: int,
+    seed: int,
+    attention_dropout: float | None = None,
+    kernels: str = "auto",
 ) -> dict:
     """``warmup`` + ``steps`` rounds of one step of each model; medians over ``steps``."""
     from transformers import BertConfig, BertForMaskedLM
@@ -103,7 +110,11 @@ def bench_config(
     spec = BENCH_CONFIGS[name]
     batch_size, seq_len, vocab_size = spec["batch_size"], spec["seq_len"], spec["vocab_size"]
     cfg = ModelConfig.from_preset(
-        spec["preset"], vocab_size=vocab_size, dropout=0.1, attention_dropout=attention_dropout
+        spec["preset"],
+        vocab_size=vocab_size,
+        dropout=0.1,
+        attention_dropout=attention_dropout,
+        kernels=kernels,
     )
     keep_ratio = 0.5
     kept = num_kept_tokens(seq_len, keep_ratio)
@@ -165,6 +176,7 @@ def bench_config(
         "kept_tokens": kept,
         "dropout": cfg.dropout,
         "attention_dropout": cfg.attention_dropout_p,
+        "kernels": cfg.kernels,
         "steps": steps,
         "warmup": warmup,
         "dense_step_s": statistics.median(times["dense"]),
@@ -216,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="attention dropout of all three models (default: the hidden dropout, 0.1)",
     )
+    parser.add_argument(
+        "--kernels",
+        choices=("auto", "torch"),
+        default="auto",
+        help="ModelConfig.kernels of our two models (torch: PyTorch's ops only, SDPA throughout)",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCH_CONFIGS]
@@ -227,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in names:
         results[name] = bench_config(
-            name, args.steps, args.warmup, args.seed, args.attention_dropout
+            name, args.steps, args.warmup, args.seed, args.attention_dropout, args.kernels
         )
         pressure = results[name]["cpu_pressure_avg60_after"]
         print(f"[{name}] done; CPU pressure (PSI avg60) {pressure}%", file=sys.stderr)

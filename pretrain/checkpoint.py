@@ -101,8 +101,10 @@ def check_compatible(state: dict, resolved: dict, where: str) -> None:
     for key in ("vocab_size", "seq_len"):
         if old["data"][key] != new["data"][key]:
             problems.append(f"{key} {old['data'][key]} vs {new['data'][key]}")
-    old_model = {k: v for k, v in old["model"].items() if k not in ("dropout", "attention_dropout")}
-    new_model = {k: v for k, v in new["model"].items() if k not in ("dropout", "attention_dropout")}
+    # regularisation and kernels change no weight: a resumed run may set them anew
+    free = ("dropout", "attention_dropout", "kernels")
+    old_model = {k: v for k, v in old["model"].items() if k not in free}
+    new_model = {k: v for k, v in new["model"].items() if k not in free}
     if old_model != new_model:
         diff = [k for k in new_model if old_model.get(k) != new_model[k]]
         problems.append(

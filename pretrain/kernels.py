@@ -8,10 +8,10 @@ evaluation, both settings run the same PyTorch ops.
 - ``attention``: ``torch.nn.functional.scaled_dot_product_attention`` (SDPA), except with
   attention dropout on the CPU. There SDPA has no fused kernel: it falls back to its math
   path, which materialises the [batch, heads, queries, keys] scores several times and
-  draws the dropout mask one number at a time, 3.4x as slow as its fused kernel without
-  dropout (136 against 40 ms per layer, forward and backward, [8, 4, 512, 64], 2 cores).
-  ``CpuDropoutAttention`` works through a few heads at a time so that the scores stay in
-  the cache, and runs within 1.3x of the fused kernel without dropout.
+  draws the dropout mask one number at a time: 3.2x as slow as its fused kernel without
+  dropout (152 against 48 ms per layer, forward and backward, [8, 4, 512, 64], 2 cores,
+  ``benchmarks/bench_attention.py``). ``CpuDropoutAttention`` works through a few heads at
+  a time so that the scores stay in the cache: 62 ms, 1.3x the kernel without dropout.
 - ``dropout``: ``F.dropout``, whose CPU mask (``bernoulli_``) costs 4 ns an element.
 - ``token_cross_entropy``: ``F.cross_entropy(reduction="none")``, whose backward allocates
   and fills two [N, vocab] tensors besides the gradient.
@@ -68,7 +68,7 @@ def token_cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, kernels: str = "auto"
 ) -> torch.Tensor:
     """Per-token cross-entropy: logits [N, V] float32, targets [N] int64 -> [N]."""
-    if kernels == "auto":
+    if _ours(logits, kernels):
         return TokenCrossEntropy.apply(logits, targets)
     return F.cross_entropy(logits, targets, reduction="none")
 
@@ -87,7 +87,7 @@ class Dropout(torch.nn.Dropout):
 def keep_mask(shape: tuple[int, ...], dropout_p: float) -> tuple[torch.Tensor, float]:
     """A dropout mask, uint8 ``shape`` (1 = kept), and the scale of the kept values.
 
-    uint8, not bool: this PyTorch build converts and multiplies bool tensors 5-10x slower.
+    uint8, not bool: this PyTorch build converts and multiplies bool tensors 3-10x slower.
     """
     numel = math.prod(shape)
     drop_below = round(dropout_p * 65536)  # of 65536 equally likely 16-bit values

@@ -87,8 +87,9 @@ class ShardWriter:
     ) -> None:
         self.data_dir, self.split = data_dir, split
         self.seq_len, self.body, self.pad_id = seq_len, seq_len - 1, pad_id
-        self.shard = np.empty((shard_rows, seq_len), dtype)  # [shard_rows, seq_len]
-        self.shard[:, 0] = cls_id
+        # [shard_rows, seq_len], filled row by row: pages not reached are never touched
+        self.shard = np.empty((shard_rows, seq_len), dtype)
+        self.cls_id = cls_id
         self.filled = 0  # rows of self.shard filled so far
         self.padding = 0  # [PAD]s in those rows
         self.carry = np.empty(0, dtype)  # the start of the next row: < seq_len - 1 tokens
@@ -124,10 +125,12 @@ class ShardWriter:
         return self.shards
 
     def _put(self, bodies: np.ndarray) -> None:
-        """Copy row bodies [n, seq_len - 1] after the [CLS] column, emitting full shards."""
+        """Copy row bodies [n, seq_len - 1] behind a [CLS] each, emitting full shards."""
         while len(bodies):
             take = min(len(bodies), len(self.shard) - self.filled)
-            self.shard[self.filled : self.filled + take, 1:] = bodies[:take]
+            rows = self.shard[self.filled : self.filled + take]
+            rows[:, 0] = self.cls_id
+            rows[:, 1:] = bodies[:take]
             self.filled += take
             bodies = bodies[take:]
             if self.filled == len(self.shard):

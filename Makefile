@@ -30,6 +30,7 @@ format:
 bench: install  ## benchmarks (figures go into docs/benchmarks.md by hand)
 	$(PYTHON) benchmarks/bench_data_prep.py
 	$(PYTHON) benchmarks/bench_model.py
+	$(PYTHON) benchmarks/bench_attention.py
 	$(PYTHON) benchmarks/bench_train.py
 
 clean:

@@ -181,8 +181,8 @@ class CpuDropoutAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, probs, keep, out = ctx.saved_tensors  # q already scaled by 1/sqrt(d)
         batch, heads, _, head_dim = q.shape
+        row_dot = (grad_out * out).sum(-1, keepdim=True)  # [B, H, Q, 1]
         grad_out = grad_out * ctx.keep_scale  # the 1/(1-p) of the dropout, on [.., D]
-        row_dot = (grad_out * out).sum(-1, keepdim=True) / ctx.keep_scale  # [B, H, Q, 1]
         grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
         for b in range(batch):
             for h in range(0, heads, ctx.group):

@@ -81,6 +81,7 @@ def test_presets_and_overrides():
         (dict(drop_end_layer=3), "out of range"),
         (dict(dropout=1.0), "dropout"),
         (dict(vocab_size=0), "vocab_size"),
+        (dict(kernels="fast"), "kernels"),
     ],
 )
 def test_config_validation(overrides, message):

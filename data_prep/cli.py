@@ -368,6 +368,7 @@ def _run_phases(
         for split in SPLITS
     }
     stats = []
+    encode_started = time.time()
     for st in _encode_in_order(units, enc, tokenizer_bytes, args.workers, total_bytes):
         stats.append(st)
         for split in SPLITS:
@@ -375,6 +376,7 @@ def _run_phases(
             # mapped, not read: the tokens are copied once, from the page cache into the shard
             tokens = np.memmap(path, dtype, "r") if st["tokens"][split] else np.empty(0, dtype)
             writers[split].feed(tokens)
+    encode_seconds = time.time() - encode_started
     splits = {}
     for split in SPLITS:
         shards = writers[split].close()
@@ -409,6 +411,8 @@ def _run_phases(
             "text_bytes": sum(st["text_bytes"] for st in stats),
             "invalid_utf8_replaced": sum(st["invalid_utf8"] for st in stats),
             "seconds": round(time.time() - started, 2),
+            # of which encoding (and packing alongside it), from worker start to the last unit
+            "encode_seconds": round(encode_seconds, 2),
         },
         "command": command,
     }

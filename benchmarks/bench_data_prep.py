@@ -1,19 +1,23 @@
 """data_prep throughput against raw SentencePiece encoding, and memory against corpus size.
 
-    python benchmarks/bench_data_prep.py [--mb 30] [--workers 2] [--json OUT]
+    python benchmarks/bench_data_prep.py [--mb 30] [--workers 2] [--repeat 3] [--doc-kb K]
+        [--skip-memory] [--json OUT]
 
-Side by side in one run, on the same corpus, tokenizer and number of worker processes:
+Side by side in one run, on the same corpus, tokenizer and number of worker processes,
+in interleaved rounds (medians and per-round ratios reported):
 
-- raw: the corpus' documents already in memory, split across ``workers`` processes that
-  do nothing but ``SentencePieceProcessor.encode`` on them (the ceiling for data_prep);
+- raw: ``workers`` processes that hold the corpus' documents in their own memory and do
+  nothing but ``SentencePieceProcessor.encode`` on batches of them (the ceiling for
+  data_prep; see ``raw_encode``);
 - pipeline: ``python -m data_prep --tokenizer MODEL`` end to end (reading, splitting,
-  encoding, packing, Arrow shards, hashes, manifest), timed as a subprocess;
+  encoding, packing, Arrow shards, hashes, manifest), timed as a subprocess (wall time)
+  and by its own clock (the manifest's ``stats``);
 - memory: the pipeline's peak resident memory (all its processes together, sampled every
   50 ms) on the corpus and on a corpus ten times larger.
 
 The corpus is the built-in ``python-docstrings`` corpus, its documents shuffled and
-repeated (seeded) up to the requested size. Tokenizer training is timed separately; it
-is not part of either throughput.
+repeated (seeded) up to the requested size (``--doc-kb`` joins them into larger
+documents). Tokenizer training is timed separately; it is not part of either throughput.
 """
 
 from __future__ import annotations

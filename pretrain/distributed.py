@@ -37,6 +37,14 @@ def init() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def shutdown() -> None:
+    """Destroy the process groups before the interpreter exits. Left to the interpreter's
+    teardown, gloo's threads can abort a process that has finished all its work
+    ("terminate called without an active exception", exit code 250 from the launcher)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -266,14 +266,14 @@ PREP_ARGS = [
 
 
 def tree(data_dir: Path) -> dict[str, str]:
-    """{path: sha256} of every file but the manifest, plus the manifest less its timing and
+    """{path: sha256} of every file but the manifest, plus the manifest less its timings and
     command line."""
     found = {}
     for path in sorted(data_dir.rglob("*")):
         if path.is_file() and path.name != "manifest.json":
             found[str(path.relative_to(data_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    del manifest["command"], manifest["stats"]["seconds"]
+    del manifest["command"], manifest["stats"]["seconds"], manifest["stats"]["encode_seconds"]
     found["manifest.json"] = json.dumps(manifest, sort_keys=True)
     return found
 

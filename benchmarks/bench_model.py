@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.flops import flops_ratio  # noqa: E402
 from pretrain.importance import ImportanceTable  # noqa: E402
+from pretrain.kernels import KERNELS  # noqa: E402
 from pretrain.masking import DynamicMasker  # noqa: E402
 from pretrain.model import BertForTokenDropPretraining, ModelConfig, num_kept_tokens  # noqa: E402
 
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--kernels",
-        choices=("auto", "torch"),
+        choices=KERNELS,
         default="auto",
         help="ModelConfig.kernels of our two models (torch: PyTorch's ops only, SDPA throughout)",
     )

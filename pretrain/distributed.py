@@ -9,8 +9,10 @@ world of one. The backend is DeepSpeed's choice: NCCL on GPUs, gloo on CPU.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -38,11 +40,21 @@ def init() -> None:
 
 
 def shutdown() -> None:
-    """Destroy the process groups before the interpreter exits. Left to the interpreter's
-    teardown, gloo's threads can abort a process that has finished all its work
-    ("terminate called without an active exception", exit code 250 from the launcher)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Quiesce and destroy the process groups before the interpreter exits.
+
+    A gloo worker thread drops the tensors of a finished collective only once it gets the
+    GIL; if the interpreter is finalizing by then, the thread is killed inside C++ code
+    and the whole process aborts after all its work is done ("terminate called without an
+    active exception", exit code 250 or 134; seen in this project's tests). So: a barrier
+    (all collectives done on every rank), the groups destroyed, then the GIL released for a
+    moment, so that gloo's threads can let go of what they hold while Python still runs.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+    time.sleep(0.2)
 
 
 def _free_port() -> int:

@@ -45,18 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.trainer import Trainer
 
     distributed.init()
-    try:
-        trainer = Trainer(resolved)
-        if distributed.rank() == 0:
-            os.makedirs(run.output, exist_ok=True)
-            with open(os.path.join(run.output, "config.json"), "w") as f:
-                json.dump(resolved.to_dict(), f, indent=2)
-        trainer.resume(ref)
-        if ref is not None and distributed.rank() == 0:
-            print(f"run.py: resumed from {ref.path} at step {trainer.step}", file=sys.stderr)
-        return trainer.train()
-    finally:
-        distributed.shutdown()
+    trainer = Trainer(resolved)
+    if distributed.rank() == 0:
+        os.makedirs(run.output, exist_ok=True)
+        with open(os.path.join(run.output, "config.json"), "w") as f:
+            json.dump(resolved.to_dict(), f, indent=2)
+    trainer.resume(ref)
+    if ref is not None and distributed.rank() == 0:
+        print(f"run.py: resumed from {ref.path} at step {trainer.step}", file=sys.stderr)
+    code = trainer.train()
+    distributed.shutdown()  # not after an error: its barrier would wait for the failed rank
+    return code
 
 
 if __name__ == "__main__":

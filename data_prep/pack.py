@@ -70,8 +70,8 @@ class ShardWriter:
     """Packs a split's token stream into rows, and the rows into shards written as they fill.
 
     Each row is [CLS] followed by the next ``seq_len - 1`` stream tokens; the stream is fed
-    in pieces of any length. Rows are written straight into the shard being filled, so a
-    token is copied once on its way to the Arrow file.
+    in pieces of any length. Rows are written straight into the buffer of the shard being
+    filled, with no intermediate row arrays.
     """
 
     def __init__(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -25,10 +26,13 @@ def free_port() -> int:
 
 
 def deepspeed(args, ranks=2, timeout=600, check=True):
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), RUN, *args]
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), RUN, *args]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce workspaces (64 MiB of RAM per rank) must not outlive a run
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     return result
 
 

@@ -32,8 +32,8 @@ from data_prep.builtin_corpus import builtin_name, fingerprint, write_builtin
 from data_prep.encode import SPLITS, EncodeSettings, encode_unit, init_worker, unit_done, unit_paths
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST, SpecialTokens, write_manifest
-from data_prep.pack import ShardWriter, write_atomic, write_token_counts
-from data_prep.sources import Source, plan_units, resolve_inputs
+from data_prep.pack import ShardWriter, create_once, write_atomic, write_token_counts
+from data_prep.sources import Segment, Source, Unit, plan_units, resolve_inputs
 from data_prep.tokenizer import load_tokenizer_file, special_ids, train_tokenizer
 
 WORK_DIR = ".data_prep"
@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--unit-mb",
         type=float,
         default=None,
-        help="input MB per work unit (default: chosen from the corpus size and --workers); "
-        "give it explicitly when several jobs share the work",
+        help="input MB per work unit (default: chosen from the corpus size and --workers; "
+        "the last units are smaller). The first run of a DATA_DIR records its units, and "
+        "reruns and array tasks keep them",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace data made with other settings in DATA_DIR"
@@ -308,13 +309,9 @@ def _run_phases(
             write_builtin(name, path)
     sources = resolve_inputs([os.path.join(work, f"builtin-{b}.txt") for b in builtins]) + sources
     total_bytes = sum(s.size for s in sources)
-    if args.unit_mb:
-        unit_bytes = int(args.unit_mb * 1e6)
-    else:
-        unit_bytes = int(min(64 << 20, max(1 << 20, total_bytes // (args.workers * 8))))
-    units = plan_units(sources, unit_bytes)
-    if not units:
+    if total_bytes == 0:
         raise DataPrepError("the inputs hold no text (every file is empty)")
+    units = _unit_plan(work, sources, args.unit_mb, args.workers, total_bytes)
 
     # Phase 1: tokenizer
     model_path = os.path.join(out, "tokenizer.model")
@@ -419,6 +416,34 @@ def _run_phases(
     write_manifest(out, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _unit_plan(
+    work: str, sources: list[Source], unit_mb: float | None, workers: int, total_bytes: int
+) -> list[Unit]:
+    """The units of this DATA_DIR: planned by its first run and recorded in
+    ``.data_prep/plan.json``, then read back by every run (and array task) whatever its
+    --workers and --unit-mb. A finished unit's files hold the tokens of the segments it
+    was planned with, so a rerun that planned anew could pack them under other indices.
+    """
+    path = os.path.join(work, "plan.json")
+    if not os.path.exists(path):
+        if unit_mb:
+            unit_bytes = int(unit_mb * 1e6)
+        else:
+            unit_bytes = int(min(64 << 20, max(1 << 20, total_bytes // (workers * 8))))
+        units = plan_units(sources, unit_bytes, min(unit_bytes, 1 << 20), workers)
+        plan = [
+            {"bytes": u.nbytes, "segments": [[s.path, s.kind, s.start, s.end] for s in u.segments]}
+            for u in units
+        ]
+        create_once(path, json.dumps(plan).encode())  # array tasks may race to here
+    with open(path) as f:
+        plan = json.load(f)
+    return [
+        Unit(i, [Segment(*segment) for segment in u["segments"]], u["bytes"])
+        for i, u in enumerate(plan)
+    ]
 
 
 def _write_vocab(path: str, model_bytes: bytes) -> None:

@@ -11,8 +11,10 @@ are a pure function of the inputs and settings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +66,23 @@ def write_atomic(path: str, data) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def create_once(path: str, data: bytes) -> bool:
+    """Write ``data`` to ``path`` unless the file exists. When processes race (array
+    tasks sharing a directory, on one node or several), exactly one's bytes end up there,
+    complete: the file appears through a hard link, which fails if the name is taken.
+    Returns whether this call created the file."""
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    try:
+        write_atomic(tmp, data)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 class ShardWriter:

@@ -116,36 +116,60 @@ class Unit:
     nbytes: int = 0
 
 
-def plan_units(sources: list[Source], target_bytes: int) -> list[Unit]:
-    """Cut the sources, in order, into units of about ``target_bytes`` input bytes."""
+def plan_units(
+    sources: list[Source], target_bytes: int, min_bytes: int | None = None, workers: int = 1
+) -> list[Unit]:
+    """Cut the sources, in order, into units of about ``target_bytes`` input bytes.
+
+    With ``min_bytes``, the units near the end shrink: a unit takes at most 1/(2 x
+    ``workers``) of what remains of the corpus, and no less than ``min_bytes``. Workers
+    take units in order, so the last ones decide how long the fastest worker waits for
+    the slowest; small last units keep that wait short without making every unit small.
+    """
     units = [Unit(0)]
+    left = sum(src.size for src in sources)  # bytes not yet in a unit
+
+    def target(remaining: int) -> int:
+        if min_bytes is None:
+            return target_bytes
+        return max(min_bytes, min(target_bytes, remaining // (2 * workers)))
 
     def add(segment: Segment, nbytes: int) -> None:
-        if units[-1].nbytes >= target_bytes:
+        nonlocal left
+        current = units[-1].nbytes
+        t = target(left + current)
+        if current >= t or (current and current + nbytes > t + t // 2):
             units.append(Unit(len(units)))
         units[-1].segments.append(segment)
         units[-1].nbytes += nbytes
+        left -= nbytes
 
     for src in sources:
         if src.size == 0:
             continue
+        after = left - src.size  # bytes of the sources behind this one
         if src.kind in ("txt", "jsonl"):
-            for start, end in _split_text_file(src, target_bytes):
+            size = src.size
+            for start, end in _split_text_file(
+                src, lambda pos, a=after, n=size: target(a + n - pos)
+            ):
                 add(Segment(src.path, src.kind, start, end), end - start)
         elif src.kind == "jsonl.gz":  # not seekable: one segment
             add(Segment(src.path, src.kind, 0, src.size), src.size)
-        else:
-            for start, end, nbytes in _split_parquet(src, target_bytes):
+        else:  # row groups; their sizes are uncompressed, so ``left`` is set anew below
+            for start, end, nbytes in _split_parquet(src, target(left)):
                 add(Segment(src.path, src.kind, start, end), nbytes)
+        left = after
     return [u for u in units if u.segments]
 
 
-def _split_text_file(src: Source, target_bytes: int) -> list[tuple[int, int]]:
-    """Byte ranges of a text file that start and end on document boundaries."""
+def _split_text_file(src: Source, target_at) -> list[tuple[int, int]]:
+    """Byte ranges of a text file that start and end on document boundaries; a range
+    starting at ``pos`` holds about ``target_at(pos)`` bytes."""
     cuts = [0]
     with open(src.path, "rb") as f:
-        while src.size - cuts[-1] > target_bytes + target_bytes // 2:
-            cut = _next_boundary(f, cuts[-1] + target_bytes, src.kind, src.size)
+        while src.size - cuts[-1] > (t := target_at(cuts[-1])) + t // 2:
+            cut = _next_boundary(f, cuts[-1] + t, src.kind, src.size)
             if cut is None or cut >= src.size:
                 break
             cuts.append(cut)

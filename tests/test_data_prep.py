@@ -149,6 +149,21 @@ def test_rerun_of_a_finished_run_does_nothing(tmp_path, corpus_file, capsys):
     assert before == {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in tree_bytes(out)}
 
 
+def test_a_rerun_keeps_the_units_of_the_first_run(tmp_path):
+    """Finished unit files hold the tokens of the units they were planned as: a rerun with
+    other --unit-mb and --workers must pack them as such, not plan anew."""
+    big = tmp_path / "big.txt"
+    write_txt(big, documents(4000, seed=9))
+    single = prep(tmp_path, [big], "single")
+    out = str(tmp_path / "rerun")
+    prep(tmp_path, [big], "rerun", "--unit-mb", "0.1", "--phase", "tokenizer")
+    prep(tmp_path, [big], "rerun", "--unit-mb", "0.3", "--phase", "encode", "--task-count", "2")
+    done = [f for f in os.listdir(os.path.join(out, ".data_prep")) if f.startswith("unit-")]
+    assert len(done) >= 6 and not os.path.exists(os.path.join(out, "manifest.json"))
+    prep(tmp_path, [big], "rerun", "--unit-mb", "0.7", "--workers", "2")
+    assert tree_bytes(out) == tree_bytes(single)
+
+
 def test_resume_after_sigkill_gives_the_same_bytes(tmp_path):
     big = tmp_path / "big.txt"
     write_txt(big, documents(9000, seed=3, max_words=200))  # ~6 MB: several units
@@ -290,6 +305,14 @@ def test_units_never_cut_a_document(tmp_path):
     units = plan_units([src], target_bytes=2000)
     assert len(units) > 10
     found = [d for u in units for s in u.segments for d in iter_documents(s, "text", Utf8Counter())]
+    assert found == [d.encode() for d in docs]
+    # the last units shrink towards min_bytes, and still cover every document once
+    shrinking = plan_units([src], target_bytes=8000, min_bytes=1000, workers=2)
+    sizes = [u.nbytes for u in shrinking]
+    assert max(sizes[-3:]) < 0.5 * max(sizes) and min(sizes[:-1]) >= 1000
+    found = [
+        d for u in shrinking for s in u.segments for d in iter_documents(s, "text", Utf8Counter())
+    ]
     assert found == [d.encode() for d in docs]
 
 

@@ -48,9 +48,30 @@ def unit_done(work_dir: str, index: int) -> dict | None:
         return None
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep the memory a batch frees for the next batch (no-op elsewhere).
+
+    Every batch allocates and frees a few MB (the block read, its documents, their ids).
+    By default glibc serves blocks that size with mmap and gives freed memory back to the
+    system, so each batch faults its pages in anew: measured at about 5% of the encode
+    phase. With these thresholds a worker reuses its heap; it peaks at a few tens of MB.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):
+        return  # not glibc
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+    mallopt(m_trim_threshold, 256 << 20)
+
+
 def init_worker(model_bytes: bytes) -> None:
     global _sp
     import sentencepiece as spm
+
+    keep_freed_memory()
 
     _sp = spm.SentencePieceProcessor(model_proto=model_bytes)
 

@@ -25,7 +25,6 @@ import sys
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 from data_prep import FORMAT_VERSION
 from data_prep.builtin_corpus import builtin_name, fingerprint, write_builtin
@@ -459,6 +458,16 @@ def _encode_in_order(
 ):
     """Yield every unit's stats in unit order, encoding those not done yet in parallel."""
     done_bytes = sum(u.nbytes for u in units if unit_done(enc.work_dir, u.index) is not None)
+    if workers == 1:
+        init_worker(model_bytes)
+        results = (encode_unit(u, enc) for u in units)
+        pool = None
+    else:
+        ctx = multiprocessing.get_context("fork")
+        pool = ctx.Pool(min(workers, len(units)), initializer=init_worker, initargs=(model_bytes,))
+        results = pool.imap(_encode_job, [(u, enc) for u in units])
+    from tqdm import tqdm  # imported while the workers start: off the serial path
+
     bar = tqdm(
         total=total_bytes,
         initial=done_bytes,
@@ -469,14 +478,6 @@ def _encode_in_order(
         file=sys.stderr,
     )
     tokens, t0 = 0, time.time()
-    if workers == 1:
-        init_worker(model_bytes)
-        results = (encode_unit(u, enc) for u in units)
-        pool = None
-    else:
-        ctx = multiprocessing.get_context("fork")
-        pool = ctx.Pool(min(workers, len(units)), initializer=init_worker, initargs=(model_bytes,))
-        results = pool.imap(_encode_job, [(u, enc) for u in units])
     try:
         for st in results:
             tokens += sum(st["tokens"].values())

@@ -16,14 +16,23 @@ import hashlib
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 _COUNT_SLICE = 1 << 20  # tokens counted at a time
 
 
+# pyarrow (20 ms to import) is imported where it is used: ``python -m data_prep`` starts
+# its workers first, and packing needs it only once the first shard is full
+
+
 def shard_schema(seq_len: int, dtype: str) -> pa.Schema:
+    import pyarrow as pa
+
     return pa.schema(
         [pa.field("input_ids", pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), seq_len))]
     )
@@ -32,6 +41,8 @@ def shard_schema(seq_len: int, dtype: str) -> pa.Schema:
 def _arrow(array: np.ndarray) -> pa.Array:
     """A 1-D numpy array as an Arrow array without a copy; unlike ``pa.array`` this does
     not import pandas (0.3 s of start-up)."""
+    import pyarrow as pa
+
     array = np.ascontiguousarray(array)
     return pa.Array.from_buffers(
         pa.from_numpy_dtype(array.dtype), len(array), [None, pa.py_buffer(array)]
@@ -49,6 +60,8 @@ class ShardRecord:
 def serialize_shard(rows: np.ndarray, seq_len: int) -> pa.Buffer:
     """The Arrow IPC file bytes of a shard: one ``input_ids`` fixed-size-list column, in
     one record batch, so a reader maps the whole shard as one array without copying."""
+    import pyarrow as pa
+
     schema = shard_schema(seq_len, rows.dtype.name)
     sink = pa.BufferOutputStream()
     column = pa.FixedSizeListArray.from_arrays(_arrow(rows.reshape(-1)), seq_len)
@@ -184,6 +197,8 @@ class ShardWriter:
 
 def write_token_counts(path: str, counts: np.ndarray) -> str:
     """``token_counts.arrow``: columns ``token_id`` (uint32) and ``count`` (uint64)."""
+    import pyarrow as pa
+
     table = pa.table(
         {
             "token_id": _arrow(np.arange(len(counts), dtype=np.uint32)),

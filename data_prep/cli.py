@@ -32,8 +32,15 @@ from data_prep.encode import SPLITS, EncodeSettings, encode_unit, init_worker, u
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST, SpecialTokens, write_manifest
 from data_prep.pack import ShardWriter, create_once, write_atomic, write_token_counts
+from data_prep.progress import Progress
 from data_prep.sources import Segment, Source, Unit, plan_units, resolve_inputs
-from data_prep.tokenizer import load_tokenizer_file, special_ids, train_tokenizer
+from data_prep.tokenizer import (
+    load_tokenizer_file,
+    open_model,
+    special_ids,
+    train_tokenizer,
+    vocab_text,
+)
 
 WORK_DIR = ".data_prep"
 OUR_FILES = (
@@ -233,9 +240,11 @@ def _prepare_output(
         _remove_ours(out)
     os.makedirs(os.path.join(out, WORK_DIR), exist_ok=True)
     # temporary files left by a killed run; not when other tasks may be writing theirs
-    for name in [] if shared else os.listdir(os.path.join(out, WORK_DIR)):
-        if ".tmp-" in name:
-            os.remove(os.path.join(out, WORK_DIR, name))
+    for sub in [] if shared else [WORK_DIR, *SPLITS]:
+        folder = os.path.join(out, sub)
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if ".tmp-" in name:
+                os.remove(os.path.join(folder, name))
     write_atomic(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
     return created, None
 
@@ -250,13 +259,11 @@ def run(args: argparse.Namespace, command: str) -> dict | None:
     files = [s for s in args.input if not s.startswith("builtin:")]
     sources = resolve_inputs(files) if files else []
 
-    tokenizer_bytes, tokenizer_sha = None, None
+    tokenizer_bytes, tokenizer_sp, tokenizer_sha = None, None, None
     vocab_size = args.vocab_size or 8000
     if args.tokenizer:
-        tokenizer_bytes = load_tokenizer_file(args.tokenizer)
-        import sentencepiece as spm
-
-        model_vocab = spm.SentencePieceProcessor(model_proto=tokenizer_bytes).get_piece_size()
+        tokenizer_bytes, tokenizer_sp = load_tokenizer_file(args.tokenizer)
+        model_vocab = tokenizer_sp.get_piece_size()
         if args.vocab_size is not None and args.vocab_size != model_vocab:
             raise DataPrepError(
                 f"--vocab-size {args.vocab_size} does not match {args.tokenizer} "
@@ -278,7 +285,15 @@ def run(args: argparse.Namespace, command: str) -> dict | None:
         return finished
     try:
         return _run_phases(
-            args, out, sources, builtins, tokenizer_bytes, vocab_size, settings, command, started
+            args,
+            out,
+            sources,
+            builtins,
+            (tokenizer_bytes, tokenizer_sp),
+            vocab_size,
+            settings,
+            command,
+            started,
         )
     except DataPrepError:
         # bad input found mid-way: leave the directory as it was before this run
@@ -298,8 +313,9 @@ def _sha256(data: bytes) -> str:
 
 
 def _run_phases(
-    args, out, sources, builtins, tokenizer_bytes, vocab_size, settings, command, started
+    args, out, sources, builtins, given_tokenizer, vocab_size, settings, command, started
 ) -> dict | None:
+    tokenizer_bytes, sp = given_tokenizer  # (None, None) unless --tokenizer
     work = os.path.join(out, WORK_DIR)
     for name in builtins:
         path = os.path.join(work, f"builtin-{name}.txt")
@@ -316,7 +332,9 @@ def _run_phases(
     model_path = os.path.join(out, "tokenizer.model")
     if os.path.exists(model_path):
         with open(model_path, "rb") as f:
-            tokenizer_bytes = f.read()
+            found = f.read()
+        if found != tokenizer_bytes:
+            tokenizer_bytes, sp = found, open_model(found, model_path)
     else:
         if tokenizer_bytes is None:
             print(
@@ -334,9 +352,10 @@ def _run_phases(
                 args.character_coverage,
                 args.byte_fallback,
             )
-        _write_vocab(os.path.join(out, "tokenizer.vocab"), tokenizer_bytes)
+            sp = open_model(tokenizer_bytes, model_path)
+        write_atomic(os.path.join(out, "tokenizer.vocab"), vocab_text(sp))
         write_atomic(model_path, tokenizer_bytes)
-    special = SpecialTokens(**special_ids(tokenizer_bytes, model_path))
+    special = SpecialTokens(**special_ids(sp, model_path))
     dtype = "uint16" if vocab_size <= 65535 else "uint32"
     enc = EncodeSettings(work, args.text_field, args.seed, args.valid_fraction, dtype, special.sep)
     if args.phase == "tokenizer":
@@ -445,14 +464,6 @@ def _unit_plan(
     ]
 
 
-def _write_vocab(path: str, model_bytes: bytes) -> None:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-    lines = [f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size())]
-    write_atomic(path, "".join(lines).encode())
-
-
 def _encode_in_order(
     units, enc: EncodeSettings, model_bytes: bytes, workers: int, total_bytes: int
 ):
@@ -466,30 +477,19 @@ def _encode_in_order(
         ctx = multiprocessing.get_context("fork")
         pool = ctx.Pool(min(workers, len(units)), initializer=init_worker, initargs=(model_bytes,))
         results = pool.imap(_encode_job, [(u, enc) for u in units])
-    from tqdm import tqdm  # imported while the workers start: off the serial path
+    # imported while the workers encode, off the serial path: pyarrow (~25 ms), which
+    # packing needs for the first full shard (for small corpora, after the last unit)
+    import pyarrow  # noqa: F401
 
-    bar = tqdm(
-        total=total_bytes,
-        initial=done_bytes,
-        unit="B",
-        unit_scale=True,
-        desc="encode",
-        disable=None,
-        file=sys.stderr,
-    )
-    tokens, t0 = 0, time.time()
+    progress = Progress(total_bytes, done_bytes)
     try:
         for st in results:
-            tokens += sum(st["tokens"].values())
-            bar.update(st["bytes"])
-            bar.set_postfix_str(
-                f"{tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False
-            )
+            progress.update(st["bytes"], sum(st["tokens"].values()))
             yield st
     finally:
         if pool is not None:
             pool.terminate()
-        bar.close()
+        progress.close()
 
 
 def _encode_job(job):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import socket
 from dataclasses import dataclass
@@ -57,17 +58,38 @@ class ShardRecord:
     sha256: str
 
 
-def serialize_shard(rows: np.ndarray, seq_len: int) -> pa.Buffer:
-    """The Arrow IPC file bytes of a shard: one ``input_ids`` fixed-size-list column, in
-    one record batch, so a reader maps the whole shard as one array without copying."""
+class HashingSink(io.RawIOBase):
+    """A write-only stream that hashes (SHA-256) and counts what goes through it, and
+    passes it on to ``file`` when one is given. Given to pyarrow, it receives the shard's
+    body as the rows' own buffer: the shard is written and hashed in one pass, without
+    an in-memory copy of the file."""
+
+    def __init__(self, file=None) -> None:
+        super().__init__()
+        self.file, self.sha, self.size = file, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.sha.update(view)
+        self.size += view.nbytes
+        if self.file is not None:
+            self.file.write(view)
+        return view.nbytes
+
+
+def write_shard_ipc(rows: np.ndarray, seq_len: int, out: io.RawIOBase) -> None:
+    """The Arrow IPC file bytes of a shard, written to ``out``: one ``input_ids``
+    fixed-size-list column, in one record batch, so a reader maps the whole shard as one
+    array without copying."""
     import pyarrow as pa
 
     schema = shard_schema(seq_len, rows.dtype.name)
-    sink = pa.BufferOutputStream()
     column = pa.FixedSizeListArray.from_arrays(_arrow(rows.reshape(-1)), seq_len)
-    with pa.ipc.new_file(sink, schema) as writer:
+    with pa.ipc.new_file(pa.PythonFile(out, mode="w"), schema) as writer:
         writer.write_batch(pa.record_batch([column], schema=schema))
-    return sink.getvalue()
 
 
 def write_atomic(path: str, data) -> None:
@@ -133,6 +155,13 @@ class ShardWriter:
 
     def feed(self, tokens: np.ndarray) -> None:
         """Append stream tokens; rows that are complete go into the shard."""
+        if self.counts is not None:
+            # counted as they come (a unit at a time, while the workers encode the next
+            # units), not when a shard is emitted: the last shard is emitted after the
+            # last unit, on one core. In slices: bincount widens its input to int64.
+            for start in range(0, len(tokens), _COUNT_SLICE):
+                piece = tokens[start : start + _COUNT_SLICE]
+                self.counts += np.bincount(piece, minlength=len(self.counts))
         if len(self.carry):
             need = self.body - len(self.carry)
             if len(tokens) < need:
@@ -150,6 +179,8 @@ class ShardWriter:
             row = np.full((1, self.body), self.pad_id, self.shard.dtype)
             row[0, : len(self.carry)] = self.carry
             self.padding += self.body - len(self.carry)
+            if self.counts is not None:
+                self.counts[self.pad_id] += self.body - len(self.carry)
             self.carry = self.carry[:0]
             self._put(row)
         if self.filled:
@@ -163,6 +194,8 @@ class ShardWriter:
             rows = self.shard[self.filled : self.filled + take]
             rows[:, 0] = self.cls_id
             rows[:, 1:] = bodies[:take]
+            if self.counts is not None:
+                self.counts[self.cls_id] += take
             self.filled += take
             bodies = bodies[take:]
             if self.filled == len(self.shard):
@@ -171,25 +204,27 @@ class ShardWriter:
     def _emit(self) -> None:
         rows = self.shard[: self.filled]  # [rows, seq_len], contiguous
         name = f"{self.split}/shard-{len(self.shards):05d}.arrow"
-        data = serialize_shard(rows, self.seq_len)  # a copy: self.shard is reused
         path = os.path.join(self.data_dir, name)
-        if os.path.exists(path) and os.path.getsize(path) == data.size:
+        sink = HashingSink()
+        if os.path.exists(path):  # a rerun's: kept if it has the size of these bytes
+            write_shard_ipc(rows, self.seq_len, sink)
+        if os.path.exists(path) and os.path.getsize(path) == sink.size:
             self.skipped += 1
         else:
-            write_atomic(path, data)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                sink = HashingSink(f)
+                write_shard_ipc(rows, self.seq_len, sink)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
             self.written += 1
-        if self.counts is not None:
-            flat = rows.reshape(-1)
-            # in slices: bincount widens its input to int64, and a slice's copy stays in cache
-            for start in range(0, len(flat), _COUNT_SLICE):
-                piece = flat[start : start + _COUNT_SLICE]
-                self.counts += np.bincount(piece, minlength=len(self.counts))
         self.shards.append(
             ShardRecord(
                 file=name,
                 rows=len(rows),
                 tokens=rows.size - self.padding,
-                sha256=hashlib.sha256(data).hexdigest(),
+                sha256=sink.sha.hexdigest(),
             )
         )
         self.filled = self.padding = 0

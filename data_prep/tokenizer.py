@@ -26,14 +26,18 @@ TRAIN_THREADS = 8
 SAMPLE_PIECE_BYTES = 1 << 20
 
 
-def special_ids(model_bytes: bytes, source: str) -> dict[str, int]:
-    """The ids of the five special tokens in a SentencePiece model, or a clear error."""
+def open_model(model_bytes: bytes, source: str):
+    """A ``SentencePieceProcessor`` for a model's bytes, or a clear error."""
     import sentencepiece as spm
 
     try:
-        sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        return spm.SentencePieceProcessor(model_proto=model_bytes)
     except Exception as e:  # sentencepiece raises RuntimeError or OSError
         raise DataPrepError(f"{source}: not a SentencePiece model ({e})") from None
+
+
+def special_ids(sp, source: str) -> dict[str, int]:
+    """The ids of the five special tokens in a SentencePiece model, or a clear error."""
     ids, missing = {}, []
     for name, piece in SPECIAL_PIECES.items():
         i = sp.piece_to_id(piece)
@@ -49,6 +53,13 @@ def special_ids(model_bytes: bytes, source: str) -> dict[str, int]:
     if len(set(ids.values())) != len(ids):
         raise DataPrepError(f"{source}: special tokens share ids: {ids}")
     return ids
+
+
+def vocab_text(sp) -> bytes:
+    """``tokenizer.vocab``: one ``piece<TAB>score`` line per id."""
+    ids = list(range(sp.get_piece_size()))
+    pieces, scores = sp.id_to_piece(ids), sp.get_score(ids)  # one call each, not one per id
+    return "".join(f"{p}\t{s:g}\n" for p, s in zip(pieces, scores)).encode()
 
 
 def sample_documents(
@@ -136,11 +147,13 @@ def _cut(line: str) -> Iterator[str]:
         yield line
 
 
-def load_tokenizer_file(path: str) -> bytes:
-    """The bytes of a user's ``--tokenizer`` model, checked for the special tokens."""
+def load_tokenizer_file(path: str):
+    """The bytes of a user's ``--tokenizer`` model and its ``SentencePieceProcessor``,
+    checked for the special tokens."""
     if not os.path.isfile(path):
         raise DataPrepError(f"{path}: no such tokenizer file")
     with open(path, "rb") as f:
         data = f.read()
-    special_ids(data, path)
-    return data
+    sp = open_model(data, path)
+    special_ids(sp, path)
+    return data, sp

@@ -19,6 +19,7 @@ import pytest
 import sentencepiece as spm
 from corpus import documents, write_txt
 
+from data_prep import progress
 from data_prep.cli import main
 from data_prep.manifest import load_manifest, open_shard
 from data_prep.sources import Source, Utf8Counter, iter_documents, plan_units
@@ -110,7 +111,7 @@ def test_shards_and_manifest_are_what_readers_rely_on(tmp_path, corpus_file):
     raw = json.load(open(os.path.join(out, "manifest.json")))
     assert raw["special_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     assert raw["dtype"] == "uint16" and raw["seq_len"] == 32 and raw["vocab_size"] == 200
-    total_rows = 0
+    total_rows, bincount = 0, np.zeros(200, np.int64)
     for shard in raw["splits"]["train"]["shards"]:
         path = os.path.join(out, shard["file"])
         with open(path, "rb") as f:
@@ -121,14 +122,26 @@ def test_shards_and_manifest_are_what_readers_rely_on(tmp_path, corpus_file):
         assert table.num_rows == shard["rows"] and ids.max() < 200
         assert np.count_nonzero(ids != 0) == shard["tokens"]
         total_rows += table.num_rows
+        bincount += np.bincount(ids, minlength=200)
     assert total_rows == raw["splits"]["train"]["rows"]
+    # every token of the train rows, [CLS] and the last row's [PAD]s included
     counts = load_manifest(out).token_counts()
     assert counts.shape == (200,) and counts.sum() == total_rows * 32
+    assert np.array_equal(counts, bincount)
     sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "tokenizer.model"))
     with open(os.path.join(out, "tokenizer.model"), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == raw["tokenizer"]["sha256"]
     assert sp.id_to_piece(4) == "[MASK]"
     assert not os.path.exists(os.path.join(out, ".data_prep")), "work files are removed"
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path, corpus_file, capsys, monkeypatch):
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # a line at every unit
+    prep(tmp_path, [corpus_file])
+    err = capsys.readouterr().err  # not a terminal: no bar, no carriage returns
+    lines = [line for line in err.splitlines() if line.startswith("data_prep: encode ")]
+    assert lines and "\r" not in err
+    assert lines[-1].startswith("data_prep: encode 100% (") and "tokens/s" in lines[-1]
 
 
 def test_same_inputs_give_identical_bytes_whatever_the_workers(tmp_path, corpus_docs):
@@ -204,11 +217,14 @@ def test_resume_after_sigkill_gives_the_same_bytes(tmp_path):
     done_units = sorted(
         f for f in os.listdir(work) if f.endswith(".json") and f.startswith("unit-")
     )
+    # as a kill in the middle of writing a shard leaves it
+    os.makedirs(os.path.join(out, "train"), exist_ok=True)
+    open(os.path.join(out, "train", "shard-00000.arrow.tmp-99999"), "wb").close()
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert tree_bytes(out) == tree_bytes(reference)
     assert done_units, "some work was finished before the kill"
-    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    assert not [f for _, _, files in os.walk(out) for f in files if ".tmp-" in f]
 
 
 def test_jsonl_gz_and_parquet_inputs_give_the_same_shards_as_txt(tmp_path, corpus_docs):

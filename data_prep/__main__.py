@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -7,4 +8,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from data_prep.cli import main  # noqa: E402
 
-sys.exit(main())
+code = main()
+# Everything is written and closed. Spare the interpreter's exit its last garbage
+# collection over every object numpy and pyarrow created (measured: 15 ms of ~20 ms).
+gc.freeze()
+sys.exit(code)

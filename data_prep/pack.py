@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import io
 import os
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -108,7 +107,7 @@ def create_once(path: str, data: bytes) -> bool:
     tasks sharing a directory, on one node or several), exactly one's bytes end up there,
     complete: the file appears through a hard link, which fails if the name is taken.
     Returns whether this call created the file."""
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    tmp = f"{path}.tmp-{os.uname().nodename}-{os.getpid()}"
     try:
         write_atomic(tmp, data)
         os.link(tmp, path)

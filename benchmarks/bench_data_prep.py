@@ -1,7 +1,7 @@
 """data_prep throughput against raw SentencePiece encoding, and memory against corpus size.
 
-    python benchmarks/bench_data_prep.py [--mb 30] [--workers 2] [--repeat 3] [--doc-kb K]
-        [--skip-memory] [--json OUT]
+    python benchmarks/bench_data_prep.py [--mb 30] [--doc-kb K] [--corpus PATH ...]
+        [--workers N] [--repeat 3] [--skip-memory] [--json OUT]
 
 Side by side in one run, on the same corpus, tokenizer and number of worker processes,
 in interleaved rounds (medians and per-round ratios reported):
@@ -9,12 +9,12 @@ in interleaved rounds (medians and per-round ratios reported):
 - raw program: ``benchmarks/raw_encode.py``, the smallest complete program that
   tokenizes the corpus file with SentencePiece on ``workers`` processes and writes
   nothing, timed as a subprocess (wall time). The goal's baseline: data_prep's
-  throughput over this program's, both as a user runs them, should be at least 0.8;
+  throughput over this program's, both run as a user runs them, should be at least 0.8;
 - raw encode: ``workers`` processes that hold the corpus' documents in their own memory
   and do nothing but ``SentencePieceProcessor.encode`` on batches of them, timed from a
-  barrier to the last batch (see ``raw_encode``): the encoding alone, a ceiling that no
-  program reaching the documents through a file attains (the raw program included),
-  since it leaves out the interpreter's start, the imports and the reading;
+  barrier to the last batch (see ``raw_encode``): the encoding alone, without the
+  interpreter's start, the imports or the reading, which no command can leave out (at
+  tens of MB, the raw program takes 15-25% longer than this);
 - pipeline: ``python -m data_prep --tokenizer MODEL`` end to end (reading, splitting,
   encoding, packing, Arrow shards, hashes, manifest), timed as a subprocess (wall time)
   and by its own clock (the manifest's ``stats``);
@@ -23,7 +23,9 @@ in interleaved rounds (medians and per-round ratios reported):
 
 The corpus is the built-in ``python-docstrings`` corpus, its documents shuffled and
 repeated (seeded) up to the requested size (``--doc-kb`` joins them into larger
-documents). Tokenizer training is timed separately; it is not part of either throughput.
+documents), or your own (``--corpus``, read as data_prep reads it and written once as a
+.txt file that all contenders read). Tokenizer training is timed separately; it is not
+part of either throughput. The contenders must count the same tokens, or the run stops.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import os
 import pickle
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -54,19 +57,52 @@ sys.path.insert(0, REPO)
 from data_prep.builtin_corpus import write_builtin  # noqa: E402
 
 
-def make_corpus(path: str, mb: float, seed: int, doc_kb: float = 0) -> list[str]:
-    """Write a corpus of about ``mb`` MB to ``path``; return its documents.
-
-    The built-in corpus' docstrings, shuffled and repeated (seeded). They average under
-    300 bytes, far below the documents of real pretraining corpora (Wikipedia and C4
-    average a few KB), which makes per-document costs weigh more than usual; with
-    ``doc_kb``, consecutive docstrings are joined into documents of about that size.
-    """
-    base = os.path.join(os.path.dirname(path), "builtin.txt")
-    if not os.path.exists(base):
-        write_builtin("python-docstrings", base)
+def builtin_documents(tmp: str) -> list[str]:
+    """The documents of the built-in ``python-docstrings`` corpus."""
+    base = os.path.join(tmp, "builtin.txt")
+    write_builtin("python-docstrings", base)
     with open(base, encoding="utf-8") as f:
-        docs = [d for d in f.read().split("\n\n") if d.strip()]
+        return [d for d in f.read().split("\n\n") if d.strip()]
+
+
+def user_documents(inputs: list[str], text_field: str) -> list[str]:
+    """The documents of a user's corpus (any ``--input`` of data_prep) as data_prep reads
+    them, cut further at any blank line inside them (a JSONL text may hold some), so that
+    written one after another with a blank line between them, every contender reads the
+    same documents back."""
+    from data_prep.sources import Utf8Counter, iter_documents, plan_units, resolve_inputs
+
+    docs = []
+    for unit in plan_units(resolve_inputs(inputs), 64 << 20):
+        for segment in unit.segments:
+            for doc in iter_documents(segment, text_field, Utf8Counter()):
+                text = doc.decode("utf-8")
+                docs += [d.strip() for d in _BLANK_LINE.split(text) if d.strip()]
+    if not docs:
+        raise SystemExit(f"no documents in {' '.join(inputs)}")
+    return docs
+
+
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")  # data_prep's document separator in .txt
+
+
+def make_corpus(
+    path: str, docs: list[str], mb: float | None, seed: int, doc_kb: float = 0
+) -> list[str]:
+    """Write a corpus of about ``mb`` MB to ``path`` from ``docs``; return its documents.
+
+    The documents are shuffled (seeded) and repeated up to the size; with ``mb`` None,
+    written once as they are. The built-in corpus'
+    docstrings average under 300 bytes, far below the documents of real pretraining
+    corpora (Wikipedia and C4 average a few KB), which makes per-document costs weigh
+    more than usual; with ``doc_kb``, consecutive documents are joined into documents of
+    about that size.
+    """
+    if mb is None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(docs) + "\n")
+        return list(docs)
+    docs = list(docs)
     rng = random.Random(seed)
     out, size, current = [], 0, []
     while size < mb * 1e6:
@@ -201,6 +237,14 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument(
+        "--corpus",
+        nargs="+",
+        metavar="PATH",
+        help="your own corpus instead of the built-in one: files, directories or globs as "
+        "data_prep's --input takes them, used as they are (--mb and --doc-kb are ignored)",
+    )
+    p.add_argument("--text-field", default="text", help="with --corpus: JSONL/Parquet field")
     p.add_argument("--mb", type=float, default=30.0, help="corpus size for throughput")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--vocab-size", type=int, default=8000)
@@ -218,7 +262,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_data_prep_") as tmp:
         small = os.path.join(tmp, "small.txt")
-        docs = make_corpus(small, args.mb, seed=0, doc_kb=args.doc_kb)
+        if args.corpus:
+            base_docs = user_documents(args.corpus, args.text_field)
+            docs = make_corpus(small, base_docs, None, seed=0)
+        else:
+            base_docs = builtin_documents(tmp)
+            docs = make_corpus(small, base_docs, args.mb, seed=0, doc_kb=args.doc_kb)
         size = os.path.getsize(small)
 
         # a tokenizer for both contenders (training is timed on its own)
@@ -333,7 +382,7 @@ def main() -> None:
         }
         if not args.skip_memory:
             large = os.path.join(tmp, "large.txt")
-            make_corpus(large, args.mb * 10, seed=1, doc_kb=args.doc_kb)
+            make_corpus(large, docs, size / 1e6 * 10, seed=1)
             large_s, large_peak = peak_memory(
                 [
                     *base,

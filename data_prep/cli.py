@@ -518,10 +518,16 @@ def _summary(manifest: dict, out: str) -> str:
         )
     if st["seconds"] > 0:
         total = sum(i["tokens"] for i in manifest["splits"].values())
-        lines.append(
+        line = (
             f"  throughput {st['input_bytes'] / 1e6 / st['seconds']:,.2f} MB/s, "
             f"{total / st['seconds']:,.0f} tokens/s"
         )
+        if manifest["tokenizer"]["trained"] and st["encode_seconds"] > 0:
+            line += (
+                f" (tokenizer training included; encoding and packing alone "
+                f"{st['input_bytes'] / 1e6 / st['encode_seconds']:,.2f} MB/s)"
+            )
+        lines.append(line)
     lines.append(f"  inspect    python -m data_prep.inspect {out}")
     return "\n".join(lines)
 

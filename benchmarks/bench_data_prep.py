@@ -14,7 +14,7 @@ in interleaved rounds (medians and per-round ratios reported):
   and do nothing but ``SentencePieceProcessor.encode`` on batches of them, timed from a
   barrier to the last batch (see ``raw_encode``): the encoding alone, without the
   interpreter's start, the imports or the reading, which no command can leave out (at
-  tens of MB, the raw program takes 15-25% longer than this);
+  tens of MB, the raw program takes 15-30% longer than this);
 - pipeline: ``python -m data_prep --tokenizer MODEL`` end to end (reading, splitting,
   encoding, packing, Arrow shards, hashes, manifest), timed as a subprocess (wall time)
   and by its own clock (the manifest's ``stats``);

@@ -92,11 +92,10 @@ def make_corpus(
     """Write a corpus of about ``mb`` MB to ``path`` from ``docs``; return its documents.
 
     The documents are shuffled (seeded) and repeated up to the size; with ``mb`` None,
-    written once as they are. The built-in corpus'
-    docstrings average under 300 bytes, far below the documents of real pretraining
-    corpora (Wikipedia and C4 average a few KB), which makes per-document costs weigh
-    more than usual; with ``doc_kb``, consecutive documents are joined into documents of
-    about that size.
+    written once as they are. The built-in corpus' docstrings average under 300 bytes,
+    far below the documents of real pretraining corpora (Wikipedia and C4 average a few
+    KB), which makes per-document costs weigh more than usual; with ``doc_kb``,
+    consecutive documents are joined into documents of about that size.
     """
     if mb is None:
         with open(path, "w", encoding="utf-8") as f:

@@ -385,6 +385,10 @@ def _run_phases(
     stats = []
     encode_started = time.time()
     for st in _encode_in_order(units, enc, tokenizer_bytes, args.workers, total_bytes):
+        if not stats:
+            # packing's pyarrow (~25 ms), imported while the workers encode the next units:
+            # for a small corpus, the first shard is full only after the last unit
+            import pyarrow  # noqa: F401
         stats.append(st)
         for split in SPLITS:
             path = unit_paths(work, st["unit"])[split]
@@ -477,10 +481,6 @@ def _encode_in_order(
         ctx = multiprocessing.get_context("fork")
         pool = ctx.Pool(min(workers, len(units)), initializer=init_worker, initargs=(model_bytes,))
         results = pool.imap(_encode_job, [(u, enc) for u in units])
-    # imported while the workers encode, off the serial path: pyarrow (~25 ms), which
-    # packing needs for the first full shard (for small corpora, after the last unit)
-    import pyarrow  # noqa: F401
-
     progress = Progress(total_bytes, done_bytes)
     try:
         for st in results:

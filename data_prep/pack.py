@@ -27,7 +27,7 @@ _COUNT_SLICE = 1 << 20  # tokens counted at a time
 
 
 # pyarrow (~25 ms to import) is imported where it is used: ``python -m data_prep`` starts
-# its workers first and imports it while they encode
+# its workers first and imports it while they encode (``--phase encode`` never does)
 
 
 def shard_schema(seq_len: int, dtype: str) -> pa.Schema:

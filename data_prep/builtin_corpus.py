@@ -18,6 +18,7 @@ import sys
 import sysconfig
 import warnings
 
+from data_prep.atomic import atomic_file
 from data_prep.errors import DataPrepError
 
 BUILTINS = {"python-docstrings": "docstrings of the Python standard library"}
@@ -82,10 +83,9 @@ def _docstrings(path: str):
 def write_builtin(name: str, path: str) -> None:
     """Write the built-in corpus ``name`` to ``path`` as a ``.txt`` corpus (atomically)."""
     assert name == "python-docstrings", name
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as out:
+    # not synced: a work file of the run, deleted when it ends
+    with atomic_file(path, sync=False) as out:
         for file in _stdlib_files():
             for doc in _docstrings(file):
-                out.write(doc.replace("\x00", ""))
-                out.write("\n\n")
-    os.replace(tmp, path)
+                out.write(doc.replace("\x00", "").encode("utf-8"))
+                out.write(b"\n\n")

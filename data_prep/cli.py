@@ -1,57 +1,31 @@
 """``python -m data_prep``: raw text to a tokenizer and sharded Arrow token files.
 
-The run is three resumable phases inside DATA_DIR:
+This module is the command line: its arguments, the run's set-up, and the summary it
+prints at the end. The run itself is three resumable phases inside DATA_DIR, 1 tokenizer,
+2 encode and 3 pack (:mod:`data_prep.phases`). ``.data_prep/settings.json`` records
+what the run was started with; a rerun with other settings is refused unless
+``--overwrite`` (:mod:`data_prep.state`).
 
-1. tokenizer: trained on a seeded sample (or copied from ``--tokenizer``);
-2. encode: parallel workers tokenize units of the corpus into ``.data_prep/unit-*``;
-3. pack: the units' streams, in corpus order, become ``train/`` and ``valid/`` shards,
-   then ``token_counts.arrow`` and, last, ``manifest.json``.
-
-Every file is written under a temporary name and renamed when complete, so a run
-killed at any point and started again skips what is finished and ends with the same
-bytes. ``.data_prep/settings.json`` records what the run was started with; a rerun with
-other settings is refused unless ``--overwrite``.
+Every file is written under a temporary name and renamed when complete
+(:mod:`data_prep.atomic`), so a run killed at any point and started again skips what is
+finished and ends with the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
+import hashlib
 import os
 import shlex
-import shutil
 import sys
 import time
 
-import numpy as np
-
-from data_prep import FORMAT_VERSION
-from data_prep.builtin_corpus import builtin_name, fingerprint, write_builtin
-from data_prep.encode import SPLITS, EncodeSettings, encode_unit, init_worker, unit_done, unit_paths
+from data_prep.builtin_corpus import builtin_name
 from data_prep.errors import DataPrepError
-from data_prep.manifest import MANIFEST, SpecialTokens, write_manifest
-from data_prep.pack import ShardWriter, create_once, write_atomic, write_token_counts
-from data_prep.progress import Progress
-from data_prep.sources import Segment, Source, Unit, plan_units, resolve_inputs
-from data_prep.tokenizer import (
-    load_tokenizer_file,
-    open_model,
-    special_ids,
-    train_tokenizer,
-    vocab_text,
-)
-
-WORK_DIR = ".data_prep"
-OUR_FILES = (
-    MANIFEST,
-    "tokenizer.model",
-    "tokenizer.vocab",
-    "token_counts.arrow",
-    "train",
-    "valid",
-    WORK_DIR,
-)
+from data_prep.phases import Job, run_phases
+from data_prep.sources import resolve_inputs
+from data_prep.state import discard_failed_run, prepare_output, settings_fingerprint
+from data_prep.tokenizer import load_tokenizer_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,100 +135,32 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DataPrepError("--unit-mb: must be positive")
 
 
-def _settings(
-    args: argparse.Namespace,
-    sources: list[Source],
-    builtins: list[str],
-    tokenizer_sha: str | None,
-    vocab_size: int,
-) -> dict:
-    """Everything the output bytes depend on (workers and unit sizes do not)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "seq_len": args.seq_len,
-        "vocab_size": vocab_size,
-        "tokenizer": tokenizer_sha
-        or {
-            "model_type": args.model_type,
-            "sample_mb": args.tokenizer_sample_mb,
-            "character_coverage": args.character_coverage,
-            "byte_fallback": args.byte_fallback,
-        },
-        "text_field": args.text_field,
-        "valid_fraction": args.valid_fraction,
-        "shard_rows": args.shard_rows,
-        "seed": args.seed,
-        "inputs": [fingerprint(b) for b in builtins]
-        + [{"path": s.path, "bytes": s.size, "mtime_ns": s.mtime_ns} for s in sources],
-    }
-
-
-def _differences(old: dict, new: dict) -> str:
-    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    shown = []
-    for k in keys[:3]:
-        if k == "inputs":
-            shown.append("the input files (paths, sizes or times) differ")
-        else:
-            shown.append(f"{k} was {json.dumps(old.get(k))}, now {json.dumps(new.get(k))}")
-    return "; ".join(shown)
-
-
-def _remove_ours(out: str) -> None:
-    for name in OUR_FILES:
-        path = os.path.join(out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
-def _prepare_output(
-    out: str, settings: dict, overwrite: bool, shared: bool
-) -> tuple[bool, dict | None]:
-    """Check DATA_DIR against the settings. Returns (created, finished manifest or None)."""
-    manifest_path = os.path.join(out, MANIFEST)
-    settings_path = os.path.join(out, WORK_DIR, "settings.json")
-    recorded = None
-    if os.path.isfile(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest.get("settings") == settings:
-            return False, manifest
-        recorded = manifest.get("settings", {})
-    elif os.path.isfile(settings_path):
-        with open(settings_path) as f:
-            recorded = json.load(f)
-    elif os.path.isdir(out) and os.listdir(out):
-        raise DataPrepError(
-            f"{out}: the directory is not empty and holds no data_prep output; "
-            "choose a new or empty --output"
-        )
-    created = not os.path.isdir(out)
-    if recorded is not None and recorded != settings:
-        if not overwrite:
-            raise DataPrepError(
-                f"{out}: holds data made with different settings ({_differences(recorded, settings)}); "
-                "pass --overwrite to replace it, or choose another --output"
-            )
-        _remove_ours(out)
-    os.makedirs(os.path.join(out, WORK_DIR), exist_ok=True)
-    # temporary files left by a killed run; not when other tasks may be writing theirs
-    for sub in [] if shared else [WORK_DIR, *SPLITS]:
-        folder = os.path.join(out, sub)
-        for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if ".tmp-" in name:
-                os.remove(os.path.join(folder, name))
-    write_atomic(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
-    return created, None
-
-
 def run(args: argparse.Namespace, command: str) -> dict | None:
     """Run data_prep; return the manifest (None after a partial --phase). Raises
     DataPrepError on bad input."""
     started = time.time()
     _check_args(args)
-    out = os.path.abspath(args.output)
+    job = _job(args, command, started)
+    shared = args.phase == "encode"  # array tasks run side by side in one DATA_DIR
+    if shared and not os.path.isfile(os.path.join(job.out, "tokenizer.model")):
+        raise DataPrepError(f"{job.out}: no tokenizer yet; run --phase tokenizer first")
+    created, finished = prepare_output(job.out, job.settings, args.overwrite, shared)
+    if finished is not None:
+        print(
+            f"data_prep: {job.out} is up to date with these inputs and settings; nothing to do",
+            file=sys.stderr,
+        )
+        return finished
+    try:
+        return run_phases(job)
+    except DataPrepError:
+        discard_failed_run(job.out, created, shared)
+        raise
+
+
+def _job(args: argparse.Namespace, command: str, started: float) -> Job:
+    """The run the command line asks for: its inputs found, a --tokenizer read and checked,
+    and the settings fingerprinted."""
     builtins = [b for b in map(builtin_name, args.input) if b]
     files = [s for s in args.input if not s.startswith("builtin:")]
     sources = resolve_inputs(files) if files else []
@@ -270,230 +176,20 @@ def run(args: argparse.Namespace, command: str) -> dict | None:
                 f"({model_vocab} pieces); leave --vocab-size out"
             )
         vocab_size = model_vocab
-        tokenizer_sha = _sha256(tokenizer_bytes)
+        tokenizer_sha = hashlib.sha256(tokenizer_bytes).hexdigest()
 
-    settings = _settings(args, sources, builtins, tokenizer_sha, vocab_size)
-    shared = args.phase == "encode"  # array tasks run side by side in one DATA_DIR
-    if shared and not os.path.isfile(os.path.join(out, "tokenizer.model")):
-        raise DataPrepError(f"{out}: no tokenizer yet; run --phase tokenizer first")
-    created, finished = _prepare_output(out, settings, args.overwrite, shared)
-    if finished is not None:
-        print(
-            f"data_prep: {out} is up to date with these inputs and settings; nothing to do",
-            file=sys.stderr,
-        )
-        return finished
-    try:
-        return _run_phases(
-            args,
-            out,
-            sources,
-            builtins,
-            (tokenizer_bytes, tokenizer_sp),
-            vocab_size,
-            settings,
-            command,
-            started,
-        )
-    except DataPrepError:
-        # bad input found mid-way: leave the directory as it was before this run
-        if shared:
-            pass  # other tasks' work is there; the failed unit left no file behind
-        elif created:
-            shutil.rmtree(out, ignore_errors=True)
-        else:
-            _remove_ours(out)
-        raise
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-def _run_phases(
-    args, out, sources, builtins, given_tokenizer, vocab_size, settings, command, started
-) -> dict | None:
-    tokenizer_bytes, sp = given_tokenizer  # (None, None) unless --tokenizer
-    work = os.path.join(out, WORK_DIR)
-    for name in builtins:
-        path = os.path.join(work, f"builtin-{name}.txt")
-        if not os.path.exists(path):
-            print(f"data_prep: writing the built-in corpus builtin:{name}", file=sys.stderr)
-            write_builtin(name, path)
-    sources = resolve_inputs([os.path.join(work, f"builtin-{b}.txt") for b in builtins]) + sources
-    total_bytes = sum(s.size for s in sources)
-    if total_bytes == 0:
-        raise DataPrepError("the inputs hold no text (every file is empty)")
-    units = _unit_plan(work, sources, args.unit_mb, args.workers, total_bytes)
-
-    # Phase 1: tokenizer
-    model_path = os.path.join(out, "tokenizer.model")
-    if os.path.exists(model_path):
-        with open(model_path, "rb") as f:
-            found = f.read()
-        if found != tokenizer_bytes:
-            tokenizer_bytes, sp = found, open_model(found, model_path)
-    else:
-        if tokenizer_bytes is None:
-            print(
-                f"data_prep: training a {args.model_type} tokenizer of {vocab_size} pieces on "
-                f"up to {args.tokenizer_sample_mb:g} MB of the corpus",
-                file=sys.stderr,
-            )
-            tokenizer_bytes = train_tokenizer(
-                sources,
-                vocab_size,
-                args.model_type,
-                int(args.tokenizer_sample_mb * 1e6),
-                args.seed,
-                args.text_field,
-                args.character_coverage,
-                args.byte_fallback,
-            )
-            sp = open_model(tokenizer_bytes, model_path)
-        write_atomic(os.path.join(out, "tokenizer.vocab"), vocab_text(sp))
-        write_atomic(model_path, tokenizer_bytes)
-    special = SpecialTokens(**special_ids(sp, model_path))
-    dtype = "uint16" if vocab_size <= 65535 else "uint32"
-    enc = EncodeSettings(work, args.text_field, args.seed, args.valid_fraction, dtype, special.sep)
-    if args.phase == "tokenizer":
-        return None
-    if args.phase == "encode":
-        mine = [u for u in units if u.index % args.task_count == args.task_index]
-        for _ in _encode_in_order(
-            mine, enc, tokenizer_bytes, args.workers, sum(u.nbytes for u in mine)
-        ):
-            pass
-        return None
-
-    # Phases 2 and 3: workers encode units while this process packs them, in corpus order
-    writers = {
-        split: ShardWriter(
-            out,
-            split,
-            args.seq_len,
-            args.shard_rows,
-            dtype,
-            special.cls,
-            special.pad,
-            vocab_size if split == "train" else None,
-        )
-        for split in SPLITS
-    }
-    stats = []
-    encode_started = time.time()
-    for st in _encode_in_order(units, enc, tokenizer_bytes, args.workers, total_bytes):
-        if not stats:
-            # packing's pyarrow (~25 ms), imported while the workers encode the next units:
-            # for a small corpus, the first shard is full only after the last unit
-            import pyarrow  # noqa: F401
-        stats.append(st)
-        for split in SPLITS:
-            path = unit_paths(work, st["unit"])[split]
-            # mapped, not read: the tokens are copied once, from the page cache into the shard
-            tokens = np.memmap(path, dtype, "r") if st["tokens"][split] else np.empty(0, dtype)
-            writers[split].feed(tokens)
-    encode_seconds = time.time() - encode_started
-    splits = {}
-    for split in SPLITS:
-        shards = writers[split].close()
-        splits[split] = {
-            "rows": sum(s.rows for s in shards),
-            "tokens": sum(s.tokens for s in shards),
-            "docs": sum(st["docs"][split] for st in stats),
-            "shards": [vars(s) for s in shards],
-        }
-    counts = writers["train"].counts
-    counts_sha = write_token_counts(os.path.join(out, "token_counts.arrow"), counts)
-
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "seq_len": args.seq_len,
-        "vocab_size": vocab_size,
-        "dtype": dtype,
-        "special_ids": vars(special),
-        "tokenizer": {
-            "file": "tokenizer.model",
-            "sha256": _sha256(tokenizer_bytes),
-            "trained": args.tokenizer is None,
-            "source": args.tokenizer,
-        },
-        "token_counts": {"file": "token_counts.arrow", "sha256": counts_sha},
-        "splits": splits,
-        "sources": [{"path": f"builtin:{b}"} for b in builtins]
-        + [{"path": s.path, "bytes": s.size} for s in sources if not s.path.startswith(work)],
-        "settings": settings,
-        "stats": {
-            "input_bytes": total_bytes,
-            "text_bytes": sum(st["text_bytes"] for st in stats),
-            "invalid_utf8_replaced": sum(st["invalid_utf8"] for st in stats),
-            "seconds": round(time.time() - started, 2),
-            # of which encoding (and packing alongside it), from worker start to the last unit
-            "encode_seconds": round(encode_seconds, 2),
-        },
-        "command": command,
-    }
-    write_manifest(out, manifest)
-    shutil.rmtree(work, ignore_errors=True)
-    return manifest
-
-
-def _unit_plan(
-    work: str, sources: list[Source], unit_mb: float | None, workers: int, total_bytes: int
-) -> list[Unit]:
-    """The units of this DATA_DIR: planned by its first run and recorded in
-    ``.data_prep/plan.json``, then read back by every run (and array task) whatever its
-    --workers and --unit-mb. A finished unit's files hold the tokens of the segments it
-    was planned with, so a rerun that planned anew could pack them under other indices.
-    """
-    path = os.path.join(work, "plan.json")
-    if not os.path.exists(path):
-        if unit_mb:
-            unit_bytes = int(unit_mb * 1e6)
-        else:
-            unit_bytes = int(min(64 << 20, max(1 << 20, total_bytes // (workers * 8))))
-        units = plan_units(sources, unit_bytes, min(unit_bytes, 1 << 20), workers)
-        plan = [
-            {"bytes": u.nbytes, "segments": [[s.path, s.kind, s.start, s.end] for s in u.segments]}
-            for u in units
-        ]
-        create_once(path, json.dumps(plan).encode())  # array tasks may race to here
-    with open(path) as f:
-        plan = json.load(f)
-    return [
-        Unit(i, [Segment(*segment) for segment in u["segments"]], u["bytes"])
-        for i, u in enumerate(plan)
-    ]
-
-
-def _encode_in_order(
-    units, enc: EncodeSettings, model_bytes: bytes, workers: int, total_bytes: int
-):
-    """Yield every unit's stats in unit order, encoding those not done yet in parallel."""
-    done_bytes = sum(u.nbytes for u in units if unit_done(enc.work_dir, u.index) is not None)
-    if workers == 1:
-        init_worker(model_bytes)
-        results = (encode_unit(u, enc) for u in units)
-        pool = None
-    else:
-        ctx = multiprocessing.get_context("fork")
-        pool = ctx.Pool(min(workers, len(units)), initializer=init_worker, initargs=(model_bytes,))
-        results = pool.imap(_encode_job, [(u, enc) for u in units])
-    progress = Progress(total_bytes, done_bytes)
-    try:
-        for st in results:
-            progress.update(st["bytes"], sum(st["tokens"].values()))
-            yield st
-    finally:
-        if pool is not None:
-            pool.terminate()
-        progress.close()
-
-
-def _encode_job(job):
-    return encode_unit(*job)
+    return Job(
+        args=args,
+        out=os.path.abspath(args.output),
+        sources=sources,
+        builtins=builtins,
+        vocab_size=vocab_size,
+        settings=settings_fingerprint(args, sources, builtins, tokenizer_sha, vocab_size),
+        command=command,
+        started=started,
+        tokenizer_bytes=tokenizer_bytes,
+        tokenizer_sp=tokenizer_sp,
+    )
 
 
 def _summary(manifest: dict, out: str) -> str:

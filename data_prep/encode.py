@@ -1,14 +1,15 @@
-"""Phase 1: tokenize one unit into two flat token streams (train and valid).
+"""Phase 2: tokenize one unit into two flat token streams (train and valid).
 
 Each document becomes its token ids followed by [SEP]; a document goes to the
 validation split when a seeded hash of its bytes falls under ``valid_fraction``, so the
 split is per document, deterministic, and a duplicated document never straddles the
-two splits. A unit's streams are written under temporary names and renamed when
-complete; its ``.json`` stats file is renamed last and marks the unit done.
+two splits. A unit's streams are written through :func:`data_prep.atomic.atomic_file`;
+its ``.json`` stats file appears last and marks the unit done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_prep.atomic import atomic_file, write_atomic
 from data_prep.sources import Unit, Utf8Counter, iter_document_batches
 
 SPLITS = ("train", "valid")
@@ -109,14 +111,12 @@ def encode_unit(unit: Unit, settings: EncodeSettings) -> dict:
     if done is not None:
         return done
     paths = unit_paths(settings.work_dir, unit.index)
-    tmp = {s: f"{paths[s]}.tmp-{os.getpid()}" for s in SPLITS}
-    files = {s: open(tmp[s], "wb") for s in SPLITS}  # closed below
     docs = dict.fromkeys(SPLITS, 0)
     tokens = dict.fromkeys(SPLITS, 0)
     utf8 = Utf8Counter()
     text_bytes = 0
 
-    def encode_batch(batch: list[bytes]) -> None:
+    def encode_batch(batch: list[bytes], files: dict) -> None:
         encoded = _sp.encode(batch, out_type="numpy", num_threads=1)  # int32 arrays
         valid = valid_flags(batch, settings.seed, settings.valid_fraction)
         by_split = {"train": encoded, "valid": []}
@@ -131,20 +131,13 @@ def encode_unit(unit: Unit, settings: EncodeSettings) -> dict:
             tokens[split] += len(flat)
             docs[split] += len(part)
 
-    try:
+    # not synced, unlike the files in DATA_DIR itself: work files, deleted when the run ends
+    with contextlib.ExitStack() as stack:
+        files = {s: stack.enter_context(atomic_file(paths[s], sync=False)) for s in SPLITS}
         for segment in unit.segments:
             for batch in iter_document_batches(segment, settings.text_field, utf8):
-                encode_batch(batch)
+                encode_batch(batch, files)
                 text_bytes += sum(map(len, batch))
-        for split in SPLITS:
-            files[split].close()
-            os.replace(tmp[split], paths[split])
-    except BaseException:
-        for split in SPLITS:
-            files[split].close()
-            if os.path.exists(tmp[split]):
-                os.remove(tmp[split])
-        raise
     stats = {
         "unit": unit.index,
         "bytes": unit.nbytes,
@@ -153,8 +146,5 @@ def encode_unit(unit: Unit, settings: EncodeSettings) -> dict:
         "docs": docs,
         "tokens": tokens,
     }
-    tmp = f"{paths['stats']}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(stats, f)
-    os.replace(tmp, paths["stats"])
+    write_atomic(paths["stats"], json.dumps(stats).encode(), sync=False)
     return stats

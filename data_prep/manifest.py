@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_prep import FORMAT_VERSION
+from data_prep.atomic import write_atomic
 from data_prep.errors import DataPrepError
 
 MANIFEST = "manifest.json"
@@ -143,7 +144,46 @@ def open_shard(path: str, seq_len: int) -> np.ndarray:
     return np.concatenate(chunks).reshape(-1, seq_len)
 
 
-def write_manifest(data_dir: str, raw: dict) -> None:
-    from data_prep.pack import write_atomic
+def build_manifest(
+    *,
+    seq_len: int,
+    vocab_size: int,
+    dtype: str,
+    special: SpecialTokens,
+    tokenizer_sha256: str,
+    tokenizer_source: str | None,
+    token_counts_sha256: str,
+    splits: dict[str, dict],
+    sources: list[dict],
+    settings: dict,
+    stats: dict,
+    command: str,
+) -> dict:
+    """The manifest's fields, in the order they are written (the layout at the top).
 
+    ``tokenizer_source`` is the ``--tokenizer`` the user gave, or None for a trained one.
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "vocab_size": vocab_size,
+        "dtype": dtype,
+        "special_ids": vars(special),
+        "tokenizer": {
+            "file": "tokenizer.model",
+            "sha256": tokenizer_sha256,
+            "trained": tokenizer_source is None,
+            "source": tokenizer_source,
+        },
+        "token_counts": {"file": "token_counts.arrow", "sha256": token_counts_sha256},
+        "splits": splits,
+        "sources": sources,
+        "settings": settings,
+        "stats": stats,
+        "command": command,
+    }
+
+
+def write_manifest(data_dir: str, raw: dict) -> None:
+    """Write ``DATA_DIR/manifest.json``, atomically; it is the last file a run writes."""
     write_atomic(os.path.join(data_dir, MANIFEST), (json.dumps(raw, indent=2) + "\n").encode())

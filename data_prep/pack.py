@@ -1,4 +1,4 @@
-"""Phase 2: pack a split's token stream into fixed-length sequences and Arrow shards.
+"""Phase 3: pack a split's token stream into fixed-length sequences and Arrow shards.
 
 The stream is every unit's stream concatenated in corpus order (documents already end
 in [SEP]). Each sequence is [CLS] followed by the next ``seq_len - 1`` stream tokens,
@@ -11,7 +11,6 @@ are a pure function of the inputs and settings.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -20,14 +19,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data_prep.atomic import atomic_file, write_atomic
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
 _COUNT_SLICE = 1 << 20  # tokens counted at a time
 
-
-# pyarrow (~25 ms to import) is imported where it is used: ``python -m data_prep`` starts
-# its workers first and imports it while they encode (``--phase encode`` never does)
+# pyarrow is imported inside the functions that use it: ``--phase encode`` never needs it
 
 
 def shard_schema(seq_len: int, dtype: str) -> pa.Schema:
@@ -39,8 +38,8 @@ def shard_schema(seq_len: int, dtype: str) -> pa.Schema:
 
 
 def _arrow(array: np.ndarray) -> pa.Array:
-    """A 1-D numpy array as an Arrow array without a copy; unlike ``pa.array`` this does
-    not import pandas (0.3 s of start-up)."""
+    """A 1-D numpy array as an Arrow array, without a copy (and without ``pa.array``,
+    which imports pandas)."""
     import pyarrow as pa
 
     array = np.ascontiguousarray(array)
@@ -89,42 +88,6 @@ def write_shard_ipc(rows: np.ndarray, seq_len: int, out: io.RawIOBase) -> None:
     column = pa.FixedSizeListArray.from_arrays(_arrow(rows.reshape(-1)), seq_len)
     with pa.ipc.new_file(pa.PythonFile(out, mode="w"), schema) as writer:
         writer.write_batch(pa.record_batch([column], schema=schema))
-
-
-@contextlib.contextmanager
-def atomic_file(path: str):
-    """A binary file to write ``path`` through: it has a temporary name until the block
-    ends without an error, then it is synced and renamed, so that ``path`` either does not
-    exist or is complete."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_atomic(path: str, data) -> None:
-    """Write ``data`` (bytes or any buffer) to ``path`` through :func:`atomic_file`."""
-    with atomic_file(path) as f:
-        f.write(data)
-
-
-def create_once(path: str, data: bytes) -> bool:
-    """Write ``data`` to ``path`` unless the file exists. When processes race (array
-    tasks sharing a directory, on one node or several), exactly one's bytes end up there,
-    complete: the file appears through a hard link, which fails if the name is taken.
-    Returns whether this call created the file."""
-    tmp = f"{path}.tmp-{os.uname().nodename}-{os.getpid()}"
-    try:
-        write_atomic(tmp, data)
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
 
 
 class ShardWriter:

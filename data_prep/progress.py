@@ -2,7 +2,7 @@
 
 On a terminal, a tqdm bar with MB/s and tokens/s. In a log (a batch job's output file,
 a pipe), where a bar would be a stream of carriage returns, one plain line every
-``LOG_INTERVAL_S`` seconds; and tqdm is not imported at all (13 ms of start-up).
+``LOG_INTERVAL_S`` seconds.
 """
 
 from __future__ import annotations

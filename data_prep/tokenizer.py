@@ -1,4 +1,4 @@
-"""The SentencePiece tokenizer: trained on a bounded, seeded sample, or brought by the user.
+"""Phase 1: the tokenizer, trained on a bounded, seeded sample, or brought by the user.
 
 Special tokens are SentencePiece control symbols, so they never come out of encoding
 text (a literal "[MASK]" in the corpus is ordinary text). A trained model has

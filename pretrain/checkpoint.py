@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_prep.pack import write_atomic
+from data_prep.atomic import write_atomic
 from pretrain.config import ConfigError
+from pretrain.distributed import launcher_world_size
 
 LATEST = "latest"
 
@@ -125,7 +126,7 @@ def prepare_resume(state: dict, deepspeed_config: dict, where: str) -> None:
     if state.get("universal"):
         deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
         return
-    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+    world = launcher_world_size()
     zero_stage = (deepspeed_config.get("zero_optimization") or {}).get("stage", 0)
     if state["world_size"] != world and zero_stage > 0:
         raise ConfigError(

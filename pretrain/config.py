@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 
 from data_prep.errors import DataPrepError
 from data_prep.manifest import Manifest, load_manifest
+from pretrain.distributed import launcher_world_size
 from pretrain.importance import STRATEGIES
 from pretrain.model import PRESETS, ModelConfig, num_kept_tokens
 
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kwargs["default"] = f.default
         if f.name == "token_drop":
-            kwargs["choices"] = STRATEGIES
+            kwargs["choices"] = tuple(STRATEGIES)
         p.add_argument(flag, dest=f.name, type=kind, **kwargs)
     # set by the deepspeed launcher; the rank comes from the environment
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -116,14 +117,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
 
 @dataclass
-class Resolved:
+class ResolvedRun:
     """A checked run: the run config, the model config, the data and the DeepSpeed dict."""
 
     run: RunConfig
     model: ModelConfig
     manifest: Manifest
     deepspeed: dict
-    kept_tokens: int  # K
+    kept_tokens: int  # K; seq_len for a strategy that does not drop
 
     def to_dict(self) -> dict:
         return {
@@ -140,7 +141,7 @@ class Resolved:
         }
 
 
-def resolve(run: RunConfig) -> Resolved:
+def resolve(run: RunConfig) -> ResolvedRun:
     """Check everything that can be checked without starting DeepSpeed; raise ConfigError."""
     if not 0 < run.keep_ratio <= 1:
         raise ConfigError(f"--keep-ratio {run.keep_ratio}: must be in (0, 1]")
@@ -181,16 +182,13 @@ def resolve(run: RunConfig) -> Resolved:
         )
     if not manifest.split("train")["rows"]:
         raise ConfigError(f"--data {run.data}: the train split is empty")
-    kept = (
-        num_kept_tokens(manifest.seq_len, run.keep_ratio)
-        if run.token_drop != "none"
-        else manifest.seq_len
-    )
-    if run.token_drop != "none" and kept == manifest.seq_len:
+    drops = STRATEGIES[run.token_drop].drops
+    kept = num_kept_tokens(manifest.seq_len, run.keep_ratio) if drops else manifest.seq_len
+    if drops and kept == manifest.seq_len:
         raise ConfigError(f"--keep-ratio {run.keep_ratio} keeps every token; use --token-drop none")
-    if run.token_drop == "none" and run.keep_ratio != 0.5 and run.keep_ratio != 1:
+    if not drops and run.keep_ratio != 0.5 and run.keep_ratio != 1:
         raise ConfigError("--keep-ratio has no effect with --token-drop none; leave it out")
-    return Resolved(run, model, manifest, load_deepspeed_config(run), kept)
+    return ResolvedRun(run, model, manifest, load_deepspeed_config(run), kept)
 
 
 def _model_config(run: RunConfig, manifest: Manifest) -> ModelConfig:
@@ -251,7 +249,7 @@ def load_deepspeed_config(run: RunConfig) -> dict:
             f"--pipeline-stages {run.pipeline_stages} with ZeRO stage {zero_stage} "
             f"({path}): DeepSpeed's pipeline engine allows ZeRO stage 0 or 1 only"
         )
-    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+    world = launcher_world_size()
     if run.pipeline_stages > 1 and world % run.pipeline_stages:
         raise ConfigError(
             f"--pipeline-stages {run.pipeline_stages} does not divide the {world} ranks"

@@ -85,12 +85,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launcher_rank() -> int:
+    """This process's rank as the launcher set it (before torch.distributed starts)."""
+    return int(os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
+
+
+def launcher_world_size() -> int:
+    """The number of ranks the launcher started (before torch.distributed starts)."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    return dist.get_rank() if dist.is_initialized() else launcher_rank()
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_initialized() else launcher_world_size()
 
 
 def device() -> torch.device:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from pretrain.model import ModelConfig, layer_split, num_kept_tokens
+from pretrain.model import LAYER_ROLES, ModelConfig, layer_plan, num_kept_tokens
 
 TRAIN_FACTOR = 3  # forward + backward (2x forward)
 
@@ -68,7 +68,6 @@ def train_step_breakdown(
         raise ValueError(f"mask_fraction must be in [0, 1], got {mask_fraction}")
     kept = num_kept_tokens(seq_len, keep_ratio)
     predicted = mask_fraction * seq_len
-    split = layer_split(cfg)
     tokens_seen = {
         "full": (seq_len, seq_len),
         "boundary": (kept, seq_len),
@@ -77,12 +76,15 @@ def train_step_breakdown(
     }
     scale = TRAIN_FACTOR * batch_size
     stages = [StageFlops("embeddings", "embeddings", 0.0)]
-    for layer in range(cfg.num_layers):
-        role = "output" if layer == cfg.num_layers - 1 else split.role(layer)
-        num_queries, num_keys = tokens_seen[role]
+    for step in layer_plan(cfg):
+        if step.role not in LAYER_ROLES:
+            continue
+        num_queries, num_keys = tokens_seen[step.role]
         stages.append(
             StageFlops(
-                f"layer.{layer}", role, scale * layer_forward_flops(cfg, num_queries, num_keys)
+                f"layer.{step.layer}",
+                step.role,
+                scale * layer_forward_flops(cfg, num_queries, num_keys),
             )
         )
     head = mlm_head_forward_flops(cfg, predicted)

@@ -1,7 +1,7 @@
-"""Token importance: which positions the middle layers keep (DESIGN.md section 2).
+"""Token importance: which positions the middle layers keep (docs/architecture.md).
 
 Every input position gets the score of its token id; the top-K positions of each
-sequence are kept. Strategies:
+sequence are kept. Strategies (the registry ``STRATEGIES``; a new one is a class and a line):
 
     loss_ema   EMA of the MLM loss of each id as a prediction target (the paper's default)
     frequency  -log(count + 1) from the training data's token counts: rare tokens are kept
@@ -24,7 +24,56 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-STRATEGIES = ("loss_ema", "frequency", "random", "none")
+
+class Strategy:
+    """How token ids are scored. Subclasses override what differs from these defaults."""
+
+    drops = True  # False: the dense baseline, every position kept
+    learns_from_loss = False  # True: accumulate() and synchronize_and_apply() feed the table
+    needs_token_counts = False  # True: the table starts from data_prep's token counts
+
+    def initial_table(self, vocab_size: int, token_counts: torch.Tensor | None) -> torch.Tensor:
+        """The [vocab] float32 table a run starts with (unused when scores() ignores it)."""
+        return torch.zeros(vocab_size, dtype=torch.float32)
+
+    def scores(
+        self, table: torch.Tensor, input_ids: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """[B, S] float32 score of every position, before the allow/deny overrides."""
+        return table[input_ids]
+
+
+class LossEma(Strategy):
+    learns_from_loss = True
+
+    def initial_table(self, vocab_size, token_counts):
+        # ln(V) is the loss of a uniform guess: ids not seen yet count as hard.
+        return torch.full((vocab_size,), math.log(vocab_size), dtype=torch.float32)
+
+
+class Frequency(Strategy):
+    needs_token_counts = True
+
+    def initial_table(self, vocab_size, token_counts):
+        # +1 so unseen ids are finite and score highest (log(1) = 0): they are the rarest.
+        return (-torch.log1p(token_counts)).float()
+
+
+class RandomScores(Strategy):
+    def scores(self, table, input_ids, generator):
+        return _uniform(input_ids.shape, generator, input_ids.device, torch.float32)
+
+
+class NoDropping(Strategy):
+    drops = False
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "loss_ema": LossEma(),
+    "frequency": Frequency(),
+    "random": RandomScores(),
+    "none": NoDropping(),
+}
 
 
 class ImportanceTable:
@@ -52,7 +101,7 @@ class ImportanceTable:
     ):
         if strategy not in STRATEGIES:
             raise ValueError(
-                f"unknown token-drop strategy {strategy!r}; choose one of {STRATEGIES}"
+                f"unknown token-drop strategy {strategy!r}; choose one of {tuple(STRATEGIES)}"
             )
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
@@ -71,13 +120,12 @@ class ImportanceTable:
             raise ValueError(f"allow/deny ids {bad} are outside the vocabulary [0, {vocab_size})")
 
         device = torch.device(device)
-        if strategy == "loss_ema":
-            # ln(V) is the loss of a uniform guess: ids not seen yet count as hard.
-            table = torch.full((vocab_size,), math.log(vocab_size), dtype=torch.float32)
-        elif strategy == "frequency":
+        self.kind = STRATEGIES[strategy]
+        counts = None
+        if self.kind.needs_token_counts:
             if token_counts is None:
                 raise ValueError(
-                    "strategy 'frequency' needs token_counts (data_prep's token_counts.arrow)"
+                    f"strategy {strategy!r} needs token_counts (data_prep's token_counts.arrow)"
                 )
             counts = torch.as_tensor(np.asarray(token_counts), dtype=torch.float64)
             if counts.shape != (vocab_size,):
@@ -86,10 +134,7 @@ class ImportanceTable:
                 )
             if bool((counts < 0).any()):
                 raise ValueError("token_counts must be non-negative")
-            # +1 so unseen ids are finite and score highest (log(1) = 0): they are the rarest.
-            table = (-torch.log1p(counts)).float()
-        else:
-            table = torch.zeros(vocab_size, dtype=torch.float32)  # unused by random / none
+        table = self.kind.initial_table(vocab_size, counts)
         self.table = table.to(device)  # [vocab] float32
         self._accumulator = torch.zeros(2, vocab_size, dtype=torch.float32, device=device)
         # Score overrides applied at selection time, never stored in the table.
@@ -109,10 +154,7 @@ class ImportanceTable:
         self, input_ids: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """[B, S] float32 score of every position, allow (+inf) / deny (-inf) applied."""
-        if self.strategy == "random":
-            scores = _uniform(input_ids.shape, generator, input_ids.device, torch.float32)
-        else:
-            scores = self.table[input_ids]
+        scores = self.kind.scores(self.table, input_ids, generator)
         override = self._override[input_ids]
         return torch.where(override == 0, scores, override)
 
@@ -128,10 +170,10 @@ class ImportanceTable:
         batch, seq_len = input_ids.shape
         if not 1 <= k <= seq_len:
             raise ValueError(f"k must be in [1, {seq_len}], got {k}")
-        if self.strategy == "none" or k == seq_len:
+        if not self.kind.drops or k == seq_len:
             if k != seq_len:
                 raise ValueError(
-                    f"strategy 'none' keeps every position; got k={k} < seq_len={seq_len}"
+                    f"strategy {self.strategy!r} keeps every position; got k={k} < seq_len={seq_len}"
                 )
             every_position = torch.arange(seq_len, device=input_ids.device)
             return every_position.expand(batch, seq_len).contiguous()
@@ -147,7 +189,7 @@ class ImportanceTable:
 
     def accumulate(self, target_ids: torch.Tensor, token_losses: torch.Tensor) -> None:
         """Add one micro-batch: target_ids [N] and their MLM losses [N] (real masked slots only)."""
-        if self.strategy != "loss_ema":
+        if not self.kind.learns_from_loss:
             return
         if target_ids.shape != token_losses.shape or target_ids.dim() != 1:
             raise ValueError(
@@ -164,10 +206,10 @@ class ImportanceTable:
         ``group`` (when torch.distributed is initialized), then for ids seen:
         table = beta * table + (1 - beta) * sum / count. Resets the accumulator.
 
-        Only ``loss_ema`` communicates; the strategy is the same on every rank, so either
-        every rank calls the collective or none does.
+        Only a strategy that learns from the loss communicates; the strategy is the same on
+        every rank, so either every rank calls the collective or none does.
         """
-        if self.strategy != "loss_ema":
+        if not self.kind.learns_from_loss:
             return
         acc = self._accumulator
         if dist.is_available() and dist.is_initialized():
@@ -248,4 +290,4 @@ def _uniform(
     return torch.rand(tuple(shape), generator=generator, device=source, dtype=dtype).to(device)
 
 
-__all__ = ["STRATEGIES", "ImportanceTable"]
+__all__ = ["STRATEGIES", "ImportanceTable", "Strategy"]

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from pretrain.model import IGNORE_INDEX
+IGNORE_INDEX = -100  # the label of a position that is not predicted (PyTorch/HF convention)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -159,4 +159,4 @@ def mask_batch(
     return masker(input_ids, sample_indices, epoch)
 
 
-__all__ = ["DynamicMasker", "mask_batch"]
+__all__ = ["IGNORE_INDEX", "DynamicMasker", "mask_batch"]

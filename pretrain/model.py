@@ -4,7 +4,7 @@ Read top to bottom: the config, the layer split, the two index operations that *
 token dropping, the embeddings, one post-LN encoder layer, the token-dropping encoder,
 the sparse MLM head, and the pretraining model that ties them together.
 
-Token dropping (DESIGN.md section 2), with L layers and the default split:
+Token dropping (docs/architecture.md, "Token dropping"), with L layers and the default split:
 
     layers 0 .. L/2-2      full sequence                          [batch, seq, hidden]
     layer  L/2-1           queries: kept tokens, keys/values: all [batch, kept, hidden]
@@ -13,9 +13,10 @@ Token dropping (DESIGN.md section 2), with L layers and the default split:
                            with the state they had entering layer L/2-1
 
 Which positions are kept is decided outside the model (``pretrain.importance``); the
-model only receives ``kept_idx`` [batch, kept] int64, sorted in sequence order. Every
-piece is a separate module or function so that a DeepSpeed ``PipelineModule`` can wrap
-the embeddings, each layer, the select/merge steps and the head stage by stage.
+model only receives ``kept_idx`` [batch, kept] int64, sorted in sequence order, or None:
+no dropping, the one representation of the dense model. The order of the steps is stated
+once, by :func:`layer_plan`; the encoder here, the pipeline stages
+(:mod:`pretrain.pipeline`) and the FLOPs model (:mod:`pretrain.flops`) all follow it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.kernels import KERNELS, Dropout, attention, token_cross_entropy
-
-IGNORE_INDEX = -100  # label of positions that are not predicted (PyTorch/HF convention)
+from pretrain.masking import IGNORE_INDEX  # label of positions that are not predicted
 
 # ---------------------------------------------------------------------------------------
 # Configuration
@@ -195,6 +195,56 @@ def layer_split(cfg: ModelConfig) -> LayerSplit:
     return LayerSplit(boundary, last_dropped)
 
 
+class PlanStep(NamedTuple):
+    """One step of the network, in forward order (see :func:`layer_plan`).
+
+    ``modules`` names the model pieces the step uses: (attribute in the step's pipeline
+    wrapper, dotted path in :class:`BertForTokenDropPretraining`). The pipeline builds its
+    wrappers from them, and a pipeline checkpoint's ``<attribute>.<rest>`` parameter maps
+    back to ``<path>.<rest>`` of the model.
+    """
+
+    role: str  # one of PLAN_ROLES
+    layer: int | None  # the encoder layer of the layer roles
+    modules: tuple[tuple[str, str], ...]
+
+
+# Roles of the plan: the embeddings, the encoder layers by what they see, the merge of the
+# dropped tokens, the last layer, and the sparse MLM head (transform, tied decoder, bias).
+LAYER_ROLES = ("full", "boundary", "kept", "output")
+PLAN_ROLES = ("word_embeddings", "embeddings", *LAYER_ROLES, "merge", "mlm_transform")
+PLAN_ROLES += ("decoder", "decoder_bias")
+
+
+def layer_plan(cfg: ModelConfig) -> list[PlanStep]:
+    """The network as one ordered list of steps: the single statement of the layer order.
+
+    With the default split of L layers: word embeddings, the rest of the embeddings,
+    layers 0..L/2-2 ``full``, layer L/2-1 ``boundary``, layers L/2..L-2 ``kept``, the
+    ``merge`` (dropped tokens rejoin), layer L-1 ``output``, then the MLM head.
+    """
+    split = layer_split(cfg)
+    words = (("word_embeddings", "embeddings.word_embeddings"),)
+    rest = ("position_embeddings", "token_type_embeddings", "norm", "dropout")
+    plan = [
+        PlanStep("word_embeddings", None, words),
+        PlanStep("embeddings", None, tuple((name, f"embeddings.{name}") for name in rest)),
+    ]
+    last = cfg.num_layers - 1
+    for i in range(last):
+        plan.append(PlanStep(split.role(i), i, (("layer", f"encoder.layers.{i}"),)))
+        if i == split.last_dropped_layer:
+            plan.append(PlanStep("merge", None, ()))
+    plan.append(PlanStep("output", last, (("layer", f"encoder.layers.{last}"),)))
+    head = (("dense", "mlm_head.dense"), ("norm", "mlm_head.norm"))
+    plan += [
+        PlanStep("mlm_transform", None, head),
+        PlanStep("decoder", None, words),  # tied to the word embeddings
+        PlanStep("decoder_bias", None, (("bias", "mlm_head.decoder.bias"),)),
+    ]
+    return plan
+
+
 def num_kept_tokens(seq_len: int, keep_ratio: float) -> int:
     """K = round(keep_ratio * seq_len), fixed for a run (static shapes)."""
     if not 0.0 < keep_ratio <= 1.0:
@@ -253,7 +303,11 @@ class Embeddings(nn.Module):
         self.dropout = Dropout(cfg.dropout, cfg.kernels)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        seq_len = input_ids.shape[1]
+        return self.add_positions(self.word_embeddings(input_ids))
+
+    def add_positions(self, words: torch.Tensor) -> torch.Tensor:
+        """Word embeddings [B, S, H] -> the embedding output [B, S, H]."""
+        seq_len = words.shape[1]
         if seq_len > self.position_embeddings.num_embeddings:
             raise ValueError(
                 f"sequence length {seq_len} exceeds max_position_embeddings "
@@ -263,8 +317,7 @@ class Embeddings(nn.Module):
         position_and_type = (
             self.position_embeddings.weight[:seq_len] + self.token_type_embeddings.weight[0]
         )
-        hidden = self.word_embeddings(input_ids) + position_and_type  # [batch, seq, hidden]
-        return self.dropout(self.norm(hidden))
+        return self.dropout(self.norm(words + position_and_type))  # [batch, seq, hidden]
 
 
 class EncoderLayer(nn.Module):
@@ -326,12 +379,61 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(hidden + self.dropout(ffn))
 
 
+class LayerState(NamedTuple):
+    """What flows from one encoder layer to the next."""
+
+    hidden: torch.Tensor  # [B, S, H]; between boundary and merge: the state entering the boundary
+    key_padding_mask: torch.Tensor | None  # [B, S] bool, True = real token; None: no padding
+    kept_idx: torch.Tensor | None  # [B, K] int64 sorted; None: no dropping
+    kept: torch.Tensor | None = None  # [B, K, H] the kept tokens, from boundary to merge
+    kept_padding_mask: torch.Tensor | None = None  # [B, K] the mask gathered like the tokens
+
+
+def apply_layer(role: str, layer: EncoderLayer | None, state: LayerState) -> LayerState:
+    """One step of the encoder: ``role`` is a layer role of :func:`layer_plan` or ``merge``.
+
+    Without dropping (kept_idx None) every layer sees the full sequence and the merge does
+    nothing. The ``output`` role (the last layer) is :func:`apply_output_layer`.
+    """
+    hidden, mask, kept_idx = state.hidden, state.key_padding_mask, state.kept_idx
+    if kept_idx is None or role == "full":
+        if role == "merge":
+            return state
+        return state._replace(hidden=layer(hidden, key_padding_mask=mask))
+    if role == "boundary":
+        # Kept tokens query all tokens. The padding mask follows the gather, so a kept
+        # [PAD] (only in rows with fewer than K real tokens) stays masked.
+        kept_mask = None if mask is None else gather_tokens(mask, kept_idx)
+        kept = layer(gather_tokens(hidden, kept_idx), hidden, mask)  # [batch, kept, hidden]
+        return state._replace(kept=kept, kept_padding_mask=kept_mask)
+    if role == "kept":
+        return state._replace(kept=layer(state.kept, key_padding_mask=state.kept_padding_mask))
+    if role == "merge":
+        # Dropped tokens rejoin with the state they had entering the boundary layer.
+        merged = scatter_tokens(hidden, state.kept, kept_idx)  # [batch, seq, hidden]
+        return state._replace(hidden=merged, kept=None, kept_padding_mask=None)
+    raise ValueError(f"apply_layer: unknown role {role!r}")
+
+
+def apply_output_layer(
+    layer: EncoderLayer, state: LayerState, output_idx: torch.Tensor | None
+) -> torch.Tensor:
+    """The last layer: [B, S, H], or only the positions output_idx [B, P] -> [B, P, H]
+    (their queries still attend over the whole sequence)."""
+    if output_idx is None:
+        return layer(state.hidden, key_padding_mask=state.key_padding_mask)
+    queries = gather_tokens(state.hidden, output_idx)
+    return layer(queries, state.hidden, state.key_padding_mask)
+
+
 class TokenDropEncoder(nn.Module):
     """The encoder stack; with ``kept_idx`` the middle layers see only the kept tokens."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.split = layer_split(cfg)
+        self.steps = [
+            (s.role, s.layer) for s in layer_plan(cfg) if s.role in (*LAYER_ROLES, "merge")
+        ]
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
 
     def forward(
@@ -345,37 +447,14 @@ class TokenDropEncoder(nn.Module):
 
         key_padding_mask [B, S] bool (True = real token) or None; kept_idx [B, K] int64
         sorted, or None for the full sequence everywhere (evaluation, export, dense baseline).
-        With output_idx the last layer computes only those positions (their queries still
-        attend over the whole sequence): the MLM loss needs no other final state.
+        With output_idx the last layer computes only those positions: the MLM loss needs
+        no other final state.
         """
-        *middle, last = self.layers
-        if kept_idx is None:
-            for layer in middle:
-                hidden = layer(hidden, key_padding_mask=key_padding_mask)
-        else:
-            boundary, last_dropped = self.split
-            for layer in middle[:boundary]:
-                hidden = layer(hidden, key_padding_mask=key_padding_mask)
-
-            # Boundary layer: kept tokens query all tokens. The padding mask follows the
-            # gather, so a kept [PAD] (only in rows with fewer than K real tokens) stays masked.
-            kept = gather_tokens(hidden, kept_idx)  # [batch, kept, hidden]
-            kept_padding_mask = (
-                None if key_padding_mask is None else gather_tokens(key_padding_mask, kept_idx)
-            )
-            kept = middle[boundary](kept, hidden, key_padding_mask)
-            for layer in middle[boundary + 1 : last_dropped + 1]:
-                kept = layer(kept, key_padding_mask=kept_padding_mask)
-
-            # Dropped tokens rejoin with the state they had entering the boundary layer.
-            hidden = scatter_tokens(hidden, kept, kept_idx)  # [batch, seq, hidden]
-            for layer in middle[last_dropped + 1 :]:
-                hidden = layer(hidden, key_padding_mask=key_padding_mask)
-
-        if output_idx is None:
-            return last(hidden, key_padding_mask=key_padding_mask)
-        # [batch, P, hidden]: queries at output_idx, keys/values from the whole sequence
-        return last(gather_tokens(hidden, output_idx), hidden, key_padding_mask)
+        state = LayerState(hidden, key_padding_mask, kept_idx)
+        *middle, (_, last) = self.steps
+        for role, i in middle:
+            state = apply_layer(role, None if i is None else self.layers[i], state)
+        return apply_output_layer(self.layers[last], state, output_idx)
 
 
 class MlmHead(nn.Module):
@@ -389,7 +468,11 @@ class MlmHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V]."""
-        return self.decoder(self.norm(F.gelu(self.dense(hidden))))
+        return self.decoder(self.transform(hidden))
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Dense + GELU + LayerNorm: [..., H] -> [..., H]."""
+        return self.norm(F.gelu(self.dense(hidden)))
 
 
 class MlmOutput(NamedTuple):
@@ -559,14 +642,20 @@ __all__ = [
     "BertForTokenDropPretraining",
     "Embeddings",
     "EncoderLayer",
+    "LAYER_ROLES",
     "LayerSplit",
+    "LayerState",
+    "PlanStep",
     "MlmHead",
     "MlmOutput",
     "ModelConfig",
     "TokenDropEncoder",
+    "apply_layer",
+    "apply_output_layer",
     "count_parameters",
     "gather_tokens",
     "hf_bert_state_dict",
+    "layer_plan",
     "layer_split",
     "key_padding_mask_of",
     "masked_lm_loss",

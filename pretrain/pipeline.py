@@ -1,48 +1,59 @@
-"""The token-dropped encoder as a DeepSpeed ``PipelineModule``.
+"""The token-dropped encoder as a DeepSpeed ``PipelineModule``, and its step runner.
 
 DeepSpeed's own token dropping (random-LTD) cannot run with pipeline parallelism; this
 can, because token dropping here is two index operations whose indices travel between
-stages as int64 tensors. The layer list, with the activations each layer passes on:
+stages as int64 tensors. The pipeline's layers are the steps of
+:func:`pretrain.model.layer_plan`, one wrapper each, calling the model's own pieces;
+what each step passes on:
 
-    WordEmbeddingPipe (tied)       ids            -> A = (hidden [B,S,H], mask [B,S], kept_idx [B,K], out_idx [B,P])
-    EmbeddingRestPipe              A -> A           positions, LayerNorm, dropout
-    FullLayerPipe  x (L/2 - 1)     A -> A
-    BoundaryLayerPipe              A -> D = (hidden [B,S,H], kept [B,K,H], mask, kept_idx, out_idx)
-    KeptLayerPipe  x (L/2 - 1)     D -> D
-    MergePipe                      D -> A           dropped tokens rejoin (scatter)
-    OutputLayerPipe                A -> [B,P,H]     the last layer, queries at the predicted positions
-    MlmTransformPipe               [B,P,H] -> [B,P,H]
-    WordEmbeddingPipe (tied)       [B,P,H] -> logits [B,P,V] (decoder = word embeddings)
-    DecoderBiasPipe                + bias; the loss function runs on the last stage
+    word_embeddings (tied)   ids -> A = (hidden [B,S,H], mask [B,S], kept_idx [B,K], out_idx [B,P])
+    embeddings, full         A -> A
+    boundary, kept           -> D = (hidden [B,S,H], kept [B,K,H], mask, kept_idx, out_idx)
+    merge                    D -> A           dropped tokens rejoin (scatter)
+    output                   A -> [B,P,H]     the last layer, queries at the predicted positions
+    mlm_transform            [B,P,H] -> [B,P,H]
+    decoder (tied)           [B,P,H] -> logits [B,P,V] (decoder = word embeddings)
+    decoder_bias             + bias; the loss function runs on the last stage
 
 Shapes are static, as pipeline stages need: K = round(keep_ratio * S), and P is the most
-positions masking can predict in a row, the rows padded with label -100. Integer tensors
-(mask, indices) get no gradient; every float tensor passed between stages does.
+positions masking can predict in a row, the rows padded with label -100. A step without
+dropping passes kept_idx = every position (K = S): the pipeline's tensor form of the
+trainer's None. Integer tensors (mask, indices) get no gradient; every float tensor
+passed between stages does.
 
 Weights come from one :class:`BertForTokenDropPretraining` built with the run's seed on
 every rank, so a pipeline run starts from exactly the weights of a data-parallel run.
-Stages are balanced by the analytic FLOPs of each layer (:mod:`pretrain.flops`), not by
+Stages are balanced by the analytic FLOPs of each step (:mod:`pretrain.flops`), not by
 layer count: the kept-token layers are cheaper than the full ones.
 """
 
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.data import Batch
 from pretrain.flops import train_step_breakdown
+from pretrain.importance import STRATEGIES
+from pretrain.masking import IGNORE_INDEX
 from pretrain.model import (
-    IGNORE_INDEX,
+    LAYER_ROLES,
     BertForTokenDropPretraining,
+    Embeddings,
+    LayerState,
+    MlmHead,
     ModelConfig,
+    apply_layer,
+    apply_output_layer,
     gather_tokens,
-    layer_split,
+    layer_plan,
     mlm_loss,
     prediction_positions,
-    scatter_tokens,
 )
 
 
@@ -68,10 +79,6 @@ def pipe_batch(input_ids, attention_mask, labels, kept_idx, width: int):
     return (input_ids, attention_mask.to(torch.int64), kept_idx, out_idx), targets
 
 
-def _mask(mask: torch.Tensor) -> torch.Tensor:
-    return mask.bool()
-
-
 class WordEmbeddingPipe(nn.Module):
     """The word embeddings: the first layer, and (tied) the MLM decoder of the last stage."""
 
@@ -89,79 +96,61 @@ class WordEmbeddingPipe(nn.Module):
 
 
 class EmbeddingRestPipe(nn.Module):
-    """Position and token-type embeddings, LayerNorm and dropout (see model.Embeddings)."""
+    """The embeddings without the word lookup: the pieces of model.Embeddings it uses."""
 
-    def __init__(self, embeddings: nn.Module):
+    add_positions = Embeddings.add_positions  # the model's own arithmetic, on these pieces
+
+    def __init__(self, position_embeddings, token_type_embeddings, norm, dropout):
         super().__init__()
-        self.position_embeddings = embeddings.position_embeddings
-        self.token_type_embeddings = embeddings.token_type_embeddings
-        self.norm = embeddings.norm
-        self.dropout = embeddings.dropout
+        self.position_embeddings = position_embeddings
+        self.token_type_embeddings = token_type_embeddings
+        self.norm = norm
+        self.dropout = dropout
 
     def forward(self, inputs):
         words, mask, kept_idx, out_idx = inputs
-        seq_len = words.shape[1]
-        position_and_type = (
-            self.position_embeddings.weight[:seq_len] + self.token_type_embeddings.weight[0]
-        )
-        return self.dropout(self.norm(words + position_and_type)), mask, kept_idx, out_idx
+        return self.add_positions(words), mask, kept_idx, out_idx
 
 
-class FullLayerPipe(nn.Module):
-    def __init__(self, layer: nn.Module):
+class EncoderStepPipe(nn.Module):
+    """One encoder step of the plan (a layer role, or the merge) on pipeline tensors."""
+
+    def __init__(self, role: str, layer: nn.Module | None = None):
         super().__init__()
+        self.role = role
         self.layer = layer
 
     def forward(self, inputs):
-        hidden, mask, kept_idx, out_idx = inputs
-        return self.layer(hidden, key_padding_mask=_mask(mask)), mask, kept_idx, out_idx
-
-
-class BoundaryLayerPipe(FullLayerPipe):
-    """Kept tokens query all tokens; the full hidden state travels on for the merge."""
-
-    def forward(self, inputs):
-        hidden, mask, kept_idx, out_idx = inputs
-        kept = self.layer(gather_tokens(hidden, kept_idx), hidden, _mask(mask))  # [B, K, H]
-        return hidden, kept, mask, kept_idx, out_idx
-
-
-class KeptLayerPipe(FullLayerPipe):
-    def forward(self, inputs):
-        hidden, kept, mask, kept_idx, out_idx = inputs
-        kept_mask = gather_tokens(_mask(mask), kept_idx)  # a kept [PAD] stays masked
-        return hidden, self.layer(kept, key_padding_mask=kept_mask), mask, kept_idx, out_idx
-
-
-class MergePipe(nn.Module):
-    """Dropped tokens rejoin with the state they had entering the boundary layer."""
-
-    def forward(self, inputs):
-        hidden, kept, mask, kept_idx, out_idx = inputs
-        return scatter_tokens(hidden, kept, kept_idx), mask, kept_idx, out_idx
-
-
-class OutputLayerPipe(FullLayerPipe):
-    """The last layer, computing only the predicted positions (their queries attend to all)."""
-
-    def forward(self, inputs):
-        hidden, mask, kept_idx, out_idx = inputs
-        return self.layer(gather_tokens(hidden, out_idx), hidden, _mask(mask))  # [B, P, H]
+        if len(inputs) == 4:
+            hidden, mask, kept_idx, out_idx = inputs
+            kept = kept_mask = None
+        else:
+            hidden, kept, mask, kept_idx, out_idx = inputs
+            kept_mask = gather_tokens(mask.bool(), kept_idx)  # a kept [PAD] stays masked
+        state = LayerState(hidden, mask.bool(), kept_idx, kept, kept_mask)
+        if self.role == "output":
+            return apply_output_layer(self.layer, state, out_idx)  # [B, P, H]
+        state = apply_layer(self.role, self.layer, state)
+        if state.kept is None:
+            return state.hidden, mask, kept_idx, out_idx
+        return state.hidden, state.kept, mask, kept_idx, out_idx
 
 
 class MlmTransformPipe(nn.Module):
-    def __init__(self, head: nn.Module):
+    transform = MlmHead.transform  # the model's own arithmetic, on these pieces
+
+    def __init__(self, dense: nn.Linear, norm: nn.LayerNorm):
         super().__init__()
-        self.dense, self.norm = head.dense, head.norm
+        self.dense, self.norm = dense, norm
 
     def forward(self, hidden):
-        return self.norm(F.gelu(self.dense(hidden)))
+        return self.transform(hidden)
 
 
 class DecoderBiasPipe(nn.Module):
-    def __init__(self, decoder: nn.Linear):
+    def __init__(self, bias: nn.Parameter):
         super().__init__()
-        self.bias = decoder.bias
+        self.bias = bias
 
     def forward(self, logits):
         return logits + self.bias
@@ -170,41 +159,40 @@ class DecoderBiasPipe(nn.Module):
 class PipeLoss:
     """The loss function of the last stage: mean cross-entropy over the predicted positions.
 
-    It also keeps the step's statistics and feeds the importance table (the last stage is
-    the only one that sees the losses); ``training`` off during evaluation.
+    Each micro-batch's output goes to ``record`` (the trainer's: the step's sums and the
+    importance table); only the last stage sees the losses.
     """
 
-    def __init__(self, table, kernels: str = "auto"):
-        self.table = table
+    def __init__(self, record, kernels: str = "auto"):
+        self.record = record
         self.kernels = kernels
-        self.training = True
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum = self.predictions = self.correct = 0.0
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         valid = targets != IGNORE_INDEX  # [B, P]
         out = mlm_loss(logits[valid], targets[valid], self.kernels)  # logits [N, V], targets [N]
-        self.loss_sum += float(out.token_losses.sum())
-        self.predictions += out.num_predictions
-        self.correct += float(out.num_correct)
-        if self.training:
-            self.table.accumulate(out.target_ids, out.token_losses)
+        self.record(out)
         return out.loss
 
 
+_HEAD_SHARES = {"mlm_transform": 0.05, "decoder": 0.9, "decoder_bias": 0.05}
+
+
 def layer_costs(cfg: ModelConfig, seq_len: int, keep_ratio: float) -> list[float]:
-    """Training FLOPs of each entry of the layer list (same order), for stage balancing."""
+    """Training FLOPs of each step of the layer plan (same order), for stage balancing."""
     flops = {s.name: s.train_flops for s in train_step_breakdown(cfg, 1, seq_len, keep_ratio)}
-    split = layer_split(cfg)
-    costs = [0.0, 0.0]  # word embeddings, the rest of the embeddings
-    for i in range(cfg.num_layers):
-        costs.append(flops[f"layer.{i}"])
-        if i == split.last_dropped_layer:
-            costs.append(0.0)  # merge
     head = flops["mlm_head"]
-    return costs + [head * 0.05, head * 0.9, head * 0.05]  # transform, decoder, bias
+    return [
+        flops[f"layer.{step.layer}"]
+        if step.role in LAYER_ROLES
+        else head * _HEAD_SHARES.get(step.role, 0.0)
+        for step in layer_plan(cfg)
+    ]
+
+
+def pipeline_parameter_names(cfg: ModelConfig) -> list[dict[str, str]]:
+    """For each pipeline layer (DeepSpeed's ``layer_<i>-model_states.pt``), how its
+    parameter prefixes map to :class:`BertForTokenDropPretraining` names (the export)."""
+    return [dict(step.modules) for step in layer_plan(cfg)]
 
 
 def build_pipeline(
@@ -212,44 +200,36 @@ def build_pipeline(
 ):
     """A ``PipelineModule`` of the token-dropped encoder (see the module docstring).
 
-    Returns (module, stage shares): each stage's fraction of the step's FLOPs.
+    Returns (module, stage boundaries, stage shares): each stage's fraction of the FLOPs.
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime import utils as ds_utils
 
     torch.manual_seed(seed)
     full = BertForTokenDropPretraining(cfg)  # the same initial weights as a data-parallel run
-    split = layer_split(cfg)
-    layers = full.encoder.layers
-    specs = [
-        TiedLayerSpec(
-            "embed",
-            WordEmbeddingPipe,
-            full.embeddings.word_embeddings,
-            tied_weight_attr="word_embeddings.weight",
-        ),
-        LayerSpec(EmbeddingRestPipe, full.embeddings),
-    ]
-    for i in range(cfg.num_layers - 1):
-        role = split.role(i)
-        kind = {"full": FullLayerPipe, "boundary": BoundaryLayerPipe, "kept": KeptLayerPipe}[role]
-        specs.append(LayerSpec(kind, layers[i]))
-        if i == split.last_dropped_layer:
-            specs.append(LayerSpec(MergePipe))
-    specs += [
-        LayerSpec(OutputLayerPipe, layers[cfg.num_layers - 1]),
-        LayerSpec(MlmTransformPipe, full.mlm_head),
-        TiedLayerSpec(
-            "embed",
-            WordEmbeddingPipe,
-            full.embeddings.word_embeddings,
-            forward_fn=WordEmbeddingPipe.decode,
-            tied_weight_attr="word_embeddings.weight",
-        ),
-        LayerSpec(DecoderBiasPipe, full.mlm_head.decoder),
-    ]
+    wrappers = {
+        "embeddings": EmbeddingRestPipe,
+        "mlm_transform": MlmTransformPipe,
+        "decoder_bias": DecoderBiasPipe,
+    }
+    specs = []
+    for step in layer_plan(cfg):
+        pieces = {attr: operator.attrgetter(path)(full) for attr, path in step.modules}
+        if step.role in ("word_embeddings", "decoder"):
+            specs.append(
+                TiedLayerSpec(
+                    "embed",
+                    WordEmbeddingPipe,
+                    **pieces,
+                    forward_fn=WordEmbeddingPipe.decode if step.role == "decoder" else None,
+                    tied_weight_attr="word_embeddings.weight",
+                )
+            )
+        elif step.role in (*LAYER_ROLES, "merge"):
+            specs.append(LayerSpec(EncoderStepPipe, step.role, **pieces))
+        else:
+            specs.append(LayerSpec(wrappers[step.role], **pieces))
     costs = layer_costs(cfg, seq_len, keep_ratio)
-    assert len(costs) == len(specs), (len(costs), len(specs))
     parts = ds_utils.partition_balanced(weights=costs, num_parts=num_stages)
     shares = [sum(costs[parts[s] : parts[s + 1]]) / sum(costs) for s in range(num_stages)]
 
@@ -263,3 +243,89 @@ def build_pipeline(
         layers=specs, num_stages=num_stages, loss_fn=loss, partition_method="flops"
     )
     return module, parts, shares
+
+
+_UNSET = object()
+
+
+class PipelineRunner:
+    """Pipeline parallelism (ZeRO 0-1): DeepSpeed's pipeline engine runs the micro-batches
+    through the stages; the first stage selects tokens, the last one computes the loss."""
+
+    def __init__(self, resolved, select, record):
+        import deepspeed
+
+        from pretrain import distributed
+
+        run = resolved.run
+        self.select = select
+        self.device = distributed.device()
+        self.prediction_width = max_predictions(resolved.manifest.seq_len)
+        keep_ratio = run.keep_ratio if STRATEGIES[run.token_drop].drops else 1.0
+        module, parts, self.stage_shares = build_pipeline(
+            resolved.model,
+            run.pipeline_stages,
+            resolved.manifest.seq_len,
+            keep_ratio,
+            PipeLoss(record, resolved.model.kernels),
+            run.seed,
+        )
+        self.stage_layers = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            model_parameters=[p for p in module.parameters() if p.requires_grad],
+            config=resolved.deepspeed,
+        )
+        self.dp_rank = self.engine.grid.get_data_parallel_rank()
+        self.dp_size = self.engine.dp_world_size
+        self._kept_tokens = _UNSET  # K of the activations DeepSpeed has allocated
+
+    def describe(self) -> str | None:
+        shares = ", ".join(
+            f"stage {i}: layers {a}-{b - 1}, {share:.0%} of the FLOPs"
+            for i, ((a, b), share) in enumerate(zip(self.stage_layers, self.stage_shares))
+        )
+        return f"pipeline of {len(self.stage_shares)} stages balanced by FLOPs: {shares}"
+
+    def _pipe_kept(self, kept_idx, input_ids: torch.Tensor, kept_tokens: int | None):
+        """kept_idx in pipeline form: as selected on the first stage; on the others only its
+        shape matters; without dropping, every position."""
+        if kept_idx is not None:
+            return kept_idx
+        batch, seq_len = input_ids.shape
+        if kept_tokens is not None:
+            return torch.zeros(batch, kept_tokens, dtype=torch.int64, device=input_ids.device)
+        return torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len).contiguous()
+
+    def _items(self, batches: Iterable[Batch], kept_tokens: int | None, select: bool):
+        for micro, batch in enumerate(batches):
+            labels = batch.labels.to(self.device)
+            input_ids = batch.input_ids.to(self.device)
+            kept_idx = self.select(micro, input_ids, labels, kept_tokens) if select else None
+            yield pipe_batch(
+                input_ids,
+                batch.attention_mask.to(self.device),
+                labels,
+                self._pipe_kept(kept_idx, input_ids, kept_tokens),
+                self.prediction_width,
+            )
+
+    def train_step(self, batches: Iterable[Batch], kept_tokens: int | None) -> None:
+        engine = self.engine
+        first, last = engine.is_first_stage(), engine.is_last_stage()
+        if self._kept_tokens is not _UNSET and kept_tokens != self._kept_tokens:
+            engine.reset_activation_shape()  # K changes: the full-sequence phase begins
+        self._kept_tokens = kept_tokens
+        items = self._items(batches, kept_tokens, select=first) if first or last else None
+        engine.train_batch(data_iter=items)
+
+    def evaluate(self, batches: list[Batch]) -> None:
+        if not batches:  # the same count on every stage: the schedule depends on it
+            return
+        engine = self.engine
+        engine.reset_activation_shape()  # the full sequence: K = S
+        first, last = engine.is_first_stage(), engine.is_last_stage()
+        items = self._items(batches, None, select=False) if first or last else None
+        engine.eval_batch(items, num_micro_batches=len(batches))
+        engine.reset_activation_shape()
+        self._kept_tokens = _UNSET

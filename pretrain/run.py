@@ -22,7 +22,9 @@ from pretrain.config import ConfigError, parse_args, resolve  # noqa: E402
 
 
 def _say(text: str) -> None:
-    if os.environ.get("RANK", "0") == "0" and os.environ.get("OMPI_COMM_WORLD_RANK", "0") == "0":
+    from pretrain.distributed import launcher_rank
+
+    if launcher_rank() == 0:
         print(text, file=sys.stderr)
 
 

@@ -4,10 +4,16 @@ One optimizer step, on every rank:
 
     for each micro-batch of this rank's slice of the global batch:
         select the kept positions (importance table, seeded by seed/step/rank/micro-batch)
-        forward (token-dropped), backward, accumulate per-id MLM losses into the table
+        forward (token-dropped), backward, record per-id MLM losses into the table
     DeepSpeed's optimizer step (at the accumulation boundary)
     one all_reduce of the table's [2, vocab] sums and counts, then the EMA update
     one small all_reduce of the step's statistics and the stop flag
+
+How the micro-batches run is a :class:`StepRunner`'s business: :class:`DataParallelRunner`
+here, :class:`pretrain.pipeline.PipelineRunner` for pipeline parallelism. Both are given
+the same two callables, :meth:`Trainer.select` and :meth:`Trainer.record`, so token
+selection and the table's feed exist once; after construction the trainer never asks
+which runner it has.
 
 The stop flag is how a SIGTERM/SIGUSR1 on any rank makes every rank checkpoint at the
 same step and exit 0.
@@ -19,19 +25,26 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from pretrain import checkpoint, distributed
-from pretrain.config import Resolved
-from pretrain.data import PretrainLoader, TokenShards, validation_batches
-from pretrain.importance import ImportanceTable
-from pretrain.masking import DynamicMasker
+from pretrain.config import ResolvedRun
+from pretrain.data import Batch, PretrainLoader, TokenShards, validation_batches
+from pretrain.importance import STRATEGIES, ImportanceTable
+from pretrain.masking import IGNORE_INDEX, DynamicMasker
 from pretrain.metrics import MetricsLogger
-from pretrain.model import IGNORE_INDEX, BertForTokenDropPretraining
+from pretrain.model import BertForTokenDropPretraining, MlmOutput
+
+# select(micro-batch index, input_ids [B, S], labels [B, S], K or None) -> kept_idx [B, K] or None
+Selector = Callable[[int, torch.Tensor, torch.Tensor, "int | None"], "torch.Tensor | None"]
+Recorder = Callable[[MlmOutput], None]  # record one micro-batch's MLM output
 
 
-def _mix(*values: int) -> int:
+def seed_of(*values: int) -> int:
     """A 63-bit seed from several integers (for per-step generators)."""
     h = 0x9E3779B97F4A7C15
     for v in values:
@@ -40,10 +53,100 @@ def _mix(*values: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-class Trainer:
-    def __init__(self, resolved: Resolved):
+@dataclass
+class MlmSums:
+    """This rank's sums over the micro-batches of one step (or one evaluation)."""
+
+    training: bool  # whether recorded losses also feed the importance table
+    loss_sum: float = 0.0
+    predictions: float = 0.0
+    correct: float = 0.0
+    kept_masked: float = 0.0  # predicted positions the middle layers kept
+
+    def add(self, out: MlmOutput) -> None:
+        self.loss_sum += float(out.token_losses.sum())
+        self.predictions += out.num_predictions
+        self.correct += float(out.num_correct)
+
+
+@dataclass
+class StepResult:
+    """One optimizer step as the whole job saw it (sums all-reduced over the ranks)."""
+
+    kept_tokens: int | None  # K of this step; None: no dropping
+    loss: float
+    mlm_acc: float
+    kept_masked_fraction: float
+    lr: float
+    grad_norm: float | None
+    table_sync_s: float
+    stop_requested: bool
+
+
+class StepRunner(Protocol):
+    """Runs the micro-batches of a step through the DeepSpeed engine it owns."""
+
+    engine: object  # a deepspeed engine: optimizer, get_global_grad_norm(), save/load
+    dp_rank: int
+    dp_size: int
+
+    def describe(self) -> str | None:
+        """A line about the layout for the start-up message, or None."""
+
+    def train_step(self, batches: Iterable[Batch], kept_tokens: int | None) -> None:
+        """Forward, backward and optimizer step of one global batch's share; kept_tokens
+        None: no dropping."""
+
+    def evaluate(self, batches: list[Batch]) -> None:
+        """Full-sequence forward passes; every micro-batch's output goes to ``record``."""
+
+
+class DataParallelRunner:
+    """Data parallelism (ZeRO 0-3): the whole model on every rank."""
+
+    def __init__(self, resolved: ResolvedRun, select: Selector, record: Recorder):
         import deepspeed
 
+        self.select, self.record = select, record
+        self.device = distributed.device()
+        torch.manual_seed(resolved.run.seed)  # the same initial weights on every rank
+        model = BertForTokenDropPretraining(resolved.model)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=resolved.deepspeed
+        )
+        self.dp_rank = distributed.rank()
+        self.dp_size = self.engine.dp_world_size
+
+    def describe(self) -> str | None:
+        return None
+
+    def _to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            batch.input_ids.to(self.device, non_blocking=True),
+            batch.attention_mask.to(self.device, non_blocking=True),
+            batch.labels.to(self.device, non_blocking=True),
+        )
+
+    def train_step(self, batches: Iterable[Batch], kept_tokens: int | None) -> None:
+        engine = self.engine
+        for micro, batch in enumerate(batches):
+            input_ids, attention_mask, labels = self._to_device(batch)
+            kept_idx = self.select(micro, input_ids, labels, kept_tokens)  # [batch, kept]
+            out = engine(input_ids, attention_mask, labels, kept_idx)
+            engine.backward(out.loss)
+            engine.step()
+            self.record(out)
+
+    def evaluate(self, batches: list[Batch]) -> None:
+        self.engine.eval()
+        with torch.no_grad():
+            for batch in batches:
+                self.record(self.engine(*self._to_device(batch), None))
+        self.engine.train()
+
+
+class Trainer:
+    def __init__(self, resolved: ResolvedRun):
         self.resolved = resolved
         self.cfg = resolved.run
         self.manifest = resolved.manifest
@@ -52,48 +155,28 @@ class Trainer:
         self.device = distributed.device()
         self.stop_requested = False
 
+        strategy = STRATEGIES[self.cfg.token_drop]
         self.table = ImportanceTable(
             self.manifest.vocab_size,
             self.cfg.token_drop,
             allow_ids=(special.cls, special.sep, special.mask, special.unk),
             deny_ids=(special.pad,),
             beta=self.cfg.ema_beta,
-            token_counts=self.manifest.token_counts()
-            if self.cfg.token_drop == "frequency"
-            else None,
+            token_counts=self.manifest.token_counts() if strategy.needs_token_counts else None,
             device=self.device,
         )
-        self.pipelined = self.cfg.pipeline_stages > 1
-        self._pipe_dropping = None
-        if self.pipelined:
-            from pretrain.pipeline import PipeLoss, build_pipeline, max_predictions
+        # K of the dropping phase; None: the dense baseline (no phase drops)
+        self.kept_tokens = resolved.kept_tokens if strategy.drops else None
+        self.step = 0
+        self.sums = MlmSums(training=True)
+        if self.cfg.pipeline_stages > 1:
+            from pretrain.pipeline import PipelineRunner
 
-            self.pipe_loss = PipeLoss(self.table, resolved.model.kernels)
-            self.pipe_width = max_predictions(self.manifest.seq_len)
-            module, parts, self.stage_shares = build_pipeline(
-                resolved.model,
-                self.cfg.pipeline_stages,
-                self.manifest.seq_len,
-                self.cfg.keep_ratio if self.cfg.token_drop != "none" else 1.0,
-                self.pipe_loss,
-                self.cfg.seed,
-            )
-            self.stage_layers = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
-            self.engine, _, _, _ = deepspeed.initialize(
-                model=module,
-                model_parameters=[p for p in module.parameters() if p.requires_grad],
-                config=resolved.deepspeed,
-            )
-            self.dp_rank = self.engine.grid.get_data_parallel_rank()
+            self.runner: StepRunner = PipelineRunner(resolved, self.select, self.record)
         else:
-            torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
-            model = BertForTokenDropPretraining(resolved.model)
-            self.engine, _, _, _ = deepspeed.initialize(
-                model=model, model_parameters=model.parameters(), config=resolved.deepspeed
-            )
-            self.dp_rank = self.rank
-        self.dp_size = self.engine.dp_world_size
-        torch.manual_seed(_mix(self.cfg.seed, self.rank))  # dropout differs per rank
+            self.runner = DataParallelRunner(resolved, self.select, self.record)
+        self.engine = self.runner.engine
+        torch.manual_seed(seed_of(self.cfg.seed, self.rank))  # dropout differs per rank
 
         self.masker = DynamicMasker(
             special.all, special.mask, self.manifest.vocab_size, self.cfg.seed
@@ -108,11 +191,35 @@ class Trainer:
             special.pad,
             self.global_batch,
             self.micro_batch,
-            self.dp_rank,
-            self.dp_size,
+            self.runner.dp_rank,
+            self.runner.dp_size,
             self.cfg.seed,
         )
-        self.step = 0
+
+    # -- the two callables every runner is given -----------------------------------------
+
+    def select(
+        self, micro: int, input_ids: torch.Tensor, labels: torch.Tensor, kept_tokens: int | None
+    ) -> torch.Tensor | None:
+        """The kept positions [B, K] of micro-batch ``micro`` of this step, or None when the
+        step does not drop; counts the predicted positions the middle layers keep."""
+        kept_idx = None
+        if kept_tokens is not None:
+            generator = torch.Generator().manual_seed(
+                seed_of(self.cfg.seed, self.step, self.runner.dp_rank, micro)
+            )
+            kept_idx = self.table.select(input_ids, kept_tokens, generator)  # [batch, kept]
+        predicted = labels != IGNORE_INDEX
+        if kept_idx is not None:
+            predicted &= torch.zeros_like(predicted).scatter_(1, kept_idx, True)
+        self.sums.kept_masked += float(predicted.sum())
+        return kept_idx
+
+    def record(self, out: MlmOutput) -> None:
+        """Add a micro-batch's MLM output to the step's sums and, in training, the table."""
+        if self.sums.training:
+            self.table.accumulate(out.target_ids, out.token_losses)
+        self.sums.add(out)
 
     # -- resume and checkpoints ----------------------------------------------------------
 
@@ -125,28 +232,26 @@ class Trainer:
         self.step = int(state["step"])
         if not os.path.isfile(os.path.join(ref.path, "rng", f"rank{self.rank:05d}.pt")):
             # another world size: the data and table resume exactly, dropout does not
-            torch.manual_seed(_mix(self.cfg.seed, self.rank, self.step))
+            torch.manual_seed(seed_of(self.cfg.seed, self.rank, self.step))
 
     def save(self) -> checkpoint.CheckpointRef:
-        self.table.verify_synchronized(self._table_group())
+        # the table spans the data-parallel group; with pipeline stages, all ranks: the world
+        self.table.verify_synchronized()
         config = self.resolved.to_dict()
         client_state = {
             "importance": self.table.state_dict(),
-            "consumed_samples": self.loader.consumed_samples,
+            **self.loader.state_dict(),
             "step": self.step,
             "config": config,
             "manifest_sha256": self.manifest.sha256,
         }
         run_state = {
             "step": self.step,
-            "consumed_samples": self.loader.consumed_samples,
+            **self.loader.state_dict(),
             "world_size": distributed.world_size(),
             "config": config,
         }
         return checkpoint.save(self.engine, self.cfg.output, self.step, client_state, run_state)
-
-    def _table_group(self):
-        return None  # data parallel only: the whole world is the data-parallel group
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -167,15 +272,12 @@ class Trainer:
         log.message(
             f"training steps {self.step}..{end} of {cfg.train_steps}: global batch {self.global_batch} "
             f"= micro {self.micro_batch} x accumulation {self.loader.micro_batches_per_step} x "
-            f"data parallel {self.dp_size}; token drop {cfg.token_drop}, kept "
+            f"data parallel {self.runner.dp_size}; token drop {cfg.token_drop}, kept "
             f"{self.resolved.kept_tokens}/{seq_len}"
         )
-        if self.pipelined:
-            shares = ", ".join(
-                f"stage {i}: layers {a}-{b - 1}, {share:.0%} of the FLOPs"
-                for i, ((a, b), share) in enumerate(zip(self.stage_layers, self.stage_shares))
-            )
-            log.message(f"pipeline of {len(self.stage_shares)} stages balanced by FLOPs: {shares}")
+        layout = self.runner.describe()
+        if layout:
+            log.message(layout)
         saved_at = self.step if self.step else None
         stopped_by_signal = False
         while self.step < end:
@@ -211,210 +313,88 @@ class Trainer:
                 if self.step < cfg.train_steps
                 else "finished"
             )
-            print(self._where(why), file=sys.stderr)
+            print(self._outputs_summary(why), file=sys.stderr)
         return 0
 
     def train_one_step(self, full_seq_from: int | None = None) -> tuple[dict, bool]:
-        """One optimizer step with its statistics; returns (metrics record, stop requested
-        on any rank). Dropping stops at step ``full_seq_from`` (the full-sequence phase)."""
+        """One optimizer step; returns (its metrics record, stop requested on any rank).
+        Dropping stops at step ``full_seq_from`` (the full-sequence phase)."""
         started = time.perf_counter()
-        seq_len = self.manifest.seq_len
-        full_seq_from = self.cfg.train_steps if full_seq_from is None else full_seq_from
-        drop = self.cfg.token_drop != "none" and self.step < full_seq_from
-        stats = self._pipeline_step(drop) if self.pipelined else self._train_step(drop)
-        self.step += 1
-        loss_sum, predictions, correct, kept_masked, stop = distributed.all_reduce_sum(
-            [*stats["local"], float(self.stop_requested)]
-        )
+        result = self.run_step(full_seq_from)
         elapsed = time.perf_counter() - started
+        seq_len = self.manifest.seq_len
         record = {
             "step": self.step,
-            "loss": loss_sum / max(predictions, 1),
-            "lr": stats["lr"],
+            "loss": result.loss,
+            "lr": result.lr,
             "tokens_per_s": self.global_batch * seq_len / elapsed,
-            "kept_fraction": (self.resolved.kept_tokens if drop else seq_len) / seq_len,
-            "kept_masked_fraction": kept_masked / max(predictions, 1),
-            "mlm_acc": correct / max(predictions, 1),
+            "kept_fraction": (result.kept_tokens or seq_len) / seq_len,
+            "kept_masked_fraction": result.kept_masked_fraction,
+            "mlm_acc": result.mlm_acc,
             "samples": self.loader.consumed_samples,
             "step_s": elapsed,
-            "table_sync_s": stats["table_sync_s"],
+            "table_sync_s": result.table_sync_s,
         }
-        if stats["grad_norm"] is not None:
-            record["grad_norm"] = stats["grad_norm"]
-        return record, bool(stop)
+        if result.grad_norm is not None:
+            record["grad_norm"] = result.grad_norm
+        return record, result.stop_requested
 
-    def _synchronize_table(self) -> float:
-        """The once-per-step all_reduce and EMA update; returns its seconds."""
+    def run_step(self, full_seq_from: int | None = None) -> StepResult:
+        """One optimizer step: the runner's micro-batches, the table's all_reduce and EMA,
+        then the step's statistics summed over the ranks."""
+        full_seq_from = self.cfg.train_steps if full_seq_from is None else full_seq_from
+        kept_tokens = self.kept_tokens if self.step < full_seq_from else None
+        lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.sums = MlmSums(training=True)
+        self.runner.train_step(self.loader.next_step(), kept_tokens)
         started = time.perf_counter()
-        self.table.synchronize_and_apply(self._table_group())
-        return time.perf_counter() - started
-
-    def _train_step(self, drop: bool) -> dict:
-        engine, k = self.engine, self.resolved.kept_tokens
-        loss_sum = predictions = correct = kept_masked = 0.0
-        lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        for micro, batch in enumerate(self.loader.next_step()):
-            input_ids = batch.input_ids.to(self.device, non_blocking=True)
-            attention_mask = batch.attention_mask.to(self.device, non_blocking=True)
-            labels = batch.labels.to(self.device, non_blocking=True)
-            kept_idx = None
-            if drop:
-                generator = torch.Generator().manual_seed(
-                    _mix(self.cfg.seed, self.step, self.dp_rank, micro)
-                )
-                kept_idx = self.table.select(input_ids, k, generator)  # [batch, kept]
-            out = engine(input_ids, attention_mask, labels, kept_idx)
-            engine.backward(out.loss)
-            engine.step()
-            self.table.accumulate(out.target_ids, out.token_losses)
-            loss_sum += float(out.token_losses.sum())
-            predictions += out.num_predictions
-            correct += float(out.num_correct)
-            kept_masked += self._kept_masked(labels, kept_idx)
-        sync_s = self._synchronize_table()
-        grad_norm = engine.get_global_grad_norm()
-        return {
-            "table_sync_s": sync_s,
-            "local": [loss_sum, predictions, correct, kept_masked],
-            "lr": lr,
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-        }
-
-    def _pipeline_step(self, drop: bool) -> dict:
-        """One step of the pipeline engine: DeepSpeed runs the micro-batches through the
-        stages; the first stage selects tokens, the last one computes the loss."""
-        from pretrain.pipeline import pipe_batch
-
-        engine = self.engine
-        first, last = engine.is_first_stage(), engine.is_last_stage()
-        if self._pipe_dropping is not None and drop != self._pipe_dropping:
-            engine.reset_activation_shape()  # K changes: the full-sequence phase begins
-        self._pipe_dropping = drop
-        lr = engine.optimizer.param_groups[0]["lr"]
-        batches = self.loader.next_step()
-        kept_masked = 0.0
-
-        def micro_batches():
-            nonlocal kept_masked
-            for micro, batch in enumerate(batches):
-                labels = batch.labels.to(self.device)
-                input_ids = batch.input_ids.to(self.device)
-                kept_idx = self._kept_for_pipeline(input_ids, drop, micro, select=first)
-                if first:
-                    kept_masked += self._kept_masked(labels, kept_idx if drop else None)
-                yield pipe_batch(
-                    input_ids,
-                    batch.attention_mask.to(self.device),
-                    labels,
-                    kept_idx,
-                    self.pipe_width,
-                )
-
-        self.pipe_loss.reset()
-        self.pipe_loss.training = True
-        engine.train_batch(data_iter=micro_batches() if first or last else None)
-        sync_s = self._synchronize_table()
-        grad_norm = engine.get_global_grad_norm()
-        return {
-            "table_sync_s": sync_s,
-            "local": [
-                self.pipe_loss.loss_sum,
-                self.pipe_loss.predictions,
-                self.pipe_loss.correct,
-                kept_masked,
-            ],
-            "lr": lr,
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-        }
-
-    def _kept_for_pipeline(self, input_ids, drop: bool, micro: int, select: bool) -> torch.Tensor:
-        """kept_idx [B, K] for the pipeline: selected on the first stage; elsewhere only its
-        shape matters. Without dropping, every position (K = S)."""
-        batch, seq_len = input_ids.shape
-        if drop and select:
-            generator = torch.Generator().manual_seed(
-                _mix(self.cfg.seed, self.step, self.dp_rank, micro)
-            )
-            return self.table.select(input_ids, self.resolved.kept_tokens, generator)
-        if drop:
-            return torch.zeros(
-                batch, self.resolved.kept_tokens, dtype=torch.int64, device=input_ids.device
-            )
-        return torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len).contiguous()
-
-    def _evaluate_pipeline(self, batches) -> tuple[float, float, float]:
-        from pretrain.pipeline import pipe_batch
-
-        batches = list(batches)  # the same count on every stage: the schedule depends on it
-        if not batches:
-            return 0.0, 0.0, 0.0
-        engine = self.engine
-
-        def items():
-            for b in batches:
-                input_ids = b.input_ids.to(self.device)
-                yield pipe_batch(
-                    input_ids,
-                    b.attention_mask.to(self.device),
-                    b.labels.to(self.device),
-                    self._kept_for_pipeline(input_ids, False, 0, False),
-                    self.pipe_width,
-                )
-
-        engine.reset_activation_shape()  # the full sequence: K = S
-        self.pipe_loss.reset()
-        self.pipe_loss.training = False
-        first, last = engine.is_first_stage(), engine.is_last_stage()
-        engine.eval_batch(items() if first or last else None, num_micro_batches=len(batches))
-        engine.reset_activation_shape()
-        self._pipe_dropping = None
-        return self.pipe_loss.loss_sum, self.pipe_loss.predictions, self.pipe_loss.correct
-
-    @staticmethod
-    def _kept_masked(labels: torch.Tensor, kept_idx: torch.Tensor | None) -> float:
-        predicted = labels != IGNORE_INDEX
-        if kept_idx is None:
-            return float(predicted.sum())
-        kept = torch.zeros_like(predicted).scatter_(1, kept_idx, True)
-        return float((kept & predicted).sum())
+        self.table.synchronize_and_apply()  # over the world, as save() verifies
+        table_sync_s = time.perf_counter() - started
+        grad_norm = self.engine.get_global_grad_norm()
+        self.step += 1
+        sums = self.sums
+        loss_sum, predictions, correct, kept_masked, stop = distributed.all_reduce_sum(
+            [
+                sums.loss_sum,
+                sums.predictions,
+                sums.correct,
+                sums.kept_masked,
+                float(self.stop_requested),
+            ]
+        )
+        return StepResult(
+            kept_tokens=kept_tokens,
+            loss=loss_sum / max(predictions, 1),
+            mlm_acc=correct / max(predictions, 1),
+            kept_masked_fraction=kept_masked / max(predictions, 1),
+            lr=lr,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            table_sync_s=table_sync_s,
+            stop_requested=bool(stop),
+        )
 
     def evaluate(self) -> dict | None:
         """Full-sequence validation (no dropping) on the fixed validation set."""
-        special = self.manifest.special
         batches = validation_batches(
             self.valid_shards,
             self.masker,
-            special.pad,
+            self.manifest.special.pad,
             self.micro_batch,
             self.cfg.eval_batches,
-            self.dp_rank,
-            self.dp_size,
+            self.runner.dp_rank,
+            self.runner.dp_size,
         )
-        if self.pipelined:
-            loss_sum, predictions, correct = self._evaluate_pipeline(batches)
-        else:
-            loss_sum = predictions = correct = 0.0
-            self.engine.eval()
-            with torch.no_grad():
-                for batch in batches:
-                    out = self.engine(
-                        batch.input_ids.to(self.device),
-                        batch.attention_mask.to(self.device),
-                        batch.labels.to(self.device),
-                        None,
-                    )
-                    loss_sum += float(out.token_losses.sum())
-                    predictions += out.num_predictions
-                    correct += float(out.num_correct)
-            self.engine.train()
+        self.sums = MlmSums(training=False)
+        self.runner.evaluate(list(batches))  # the same count on every rank
+        sums = self.sums
         loss_sum, predictions, correct = distributed.all_reduce_sum(
-            [loss_sum, predictions, correct]
+            [sums.loss_sum, sums.predictions, sums.correct]
         )
         if not predictions:
             return None
         return {"val_loss": loss_sum / predictions, "val_acc": correct / predictions}
 
-    def _where(self, why: str) -> str:
+    def _outputs_summary(self, why: str) -> str:
         out = self.cfg.output
         return (
             f"run.py: {why} at step {self.step} of {self.cfg.train_steps}\n"

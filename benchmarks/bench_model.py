@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     if args.json:
         report = {
-            "benchmark": "model training step (issue 3)",
+            "benchmark": "model training step",
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "machine": machine_description(),
             "configs": results,

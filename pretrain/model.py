@@ -302,10 +302,16 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.dropout, cfg.kernels)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.add_positions(self.word_embeddings(input_ids))
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids [B, S] -> [B, S, H]. Pretraining uses token type 0 throughout;
+        token_type_ids [B, S] (sentence pairs, as a fine-tuned BERT sees them) select rows."""
+        return self.add_positions(self.word_embeddings(input_ids), token_type_ids)
 
-    def add_positions(self, words: torch.Tensor) -> torch.Tensor:
+    def add_positions(
+        self, words: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Word embeddings [B, S, H] -> the embedding output [B, S, H]."""
         seq_len = words.shape[1]
         if seq_len > self.position_embeddings.num_embeddings:
@@ -313,10 +319,12 @@ class Embeddings(nn.Module):
                 f"sequence length {seq_len} exceeds max_position_embeddings "
                 f"{self.position_embeddings.num_embeddings} of the model config"
             )
+        positions = self.position_embeddings.weight[:seq_len]  # [S, H]
+        if token_type_ids is not None:
+            words = words + self.token_type_embeddings(token_type_ids)  # [B, S, H]
+            return self.dropout(self.norm(words + positions))
         # Position and token-type rows are shared by the whole batch: add them once, as [S, H].
-        position_and_type = (
-            self.position_embeddings.weight[:seq_len] + self.token_type_embeddings.weight[0]
-        )
+        position_and_type = positions + self.token_type_embeddings.weight[0]
         return self.dropout(self.norm(words + position_and_type))  # [batch, seq, hidden]
 
 
@@ -556,9 +564,10 @@ class BertForTokenDropPretraining(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         kept_idx: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states [B, S, H]; tokens are dropped in the middle layers iff kept_idx."""
-        hidden = self.embeddings(input_ids)
+        hidden = self.embeddings(input_ids, token_type_ids)
         return self.encoder(hidden, key_padding_mask_of(attention_mask), kept_idx)
 
     def forward(
@@ -580,10 +589,13 @@ class BertForTokenDropPretraining(nn.Module):
         return masked_lm_loss(self.mlm_head, hidden[output_valid], target_ids, self.cfg.kernels)
 
     def full_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """MLM logits [B, S, V] at every position, no dropping (evaluation and export checks)."""
-        return self.mlm_head(self.encode(input_ids, attention_mask))
+        return self.mlm_head(self.encode(input_ids, attention_mask, None, token_type_ids))
 
 
 # ---------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def _expected_files(ref: CheckpointRef, state: dict, kind: str) -> list[str]:
     """The files a complete checkpoint of ``kind`` has, as far as export reads them."""
     world = state["world_size"]
     if kind == "universal":
-        return ["mp_rank_00_model_states.pt", "zero"]
+        return [_model_states_file(ref), "zero"]
     if kind == "zero0":
         return ["mp_rank_00_model_states.pt"]
     if kind == "pipeline":
@@ -111,6 +111,14 @@ def _expected_files(ref: CheckpointRef, state: dict, kind: str) -> list[str]:
     if kind == "zero3":
         return files + [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
     return ["mp_rank_00_model_states.pt", *files]
+
+
+def _model_states_file(ref: CheckpointRef) -> str:
+    """Rank 0's model-states file, which also holds the client state (ZeRO-3 names it per rank)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if os.path.exists(os.path.join(ref.path, name)):
+            return name
+    return "mp_rank_00_model_states.pt"
 
 
 def read_weights(ref: CheckpointRef) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
@@ -126,19 +134,22 @@ def read_weights(ref: CheckpointRef) -> tuple[ModelConfig, dict[str, torch.Tenso
     if missing:
         raise ExportError(f"{ref.path}: incomplete checkpoint, {missing[0]} is missing")
     cfg = ModelConfig(**state["config"]["model"])
-    first = (
-        "zero_pp_rank_0_mp_rank_00_model_states.pt"
-        if kind == "zero3"
-        else "mp_rank_00_model_states.pt"
-    )
-    client = _load(os.path.join(ref.path, first))
+    client = _load(os.path.join(ref.path, _model_states_file(ref)))
     try:
         if kind == "zero0":
             weights = dict(client["module"])
         elif kind == "universal":
+            # {"param": tensor} from ZeRO 1-2, the flattened tensor itself from ZeRO-3
+            with torch.device("meta"):
+                shapes = {
+                    k: v.shape for k, v in BertForTokenDropPretraining(cfg).state_dict().items()
+                }
             weights = {}
             for path in glob.glob(os.path.join(ref.path, "zero", "*", "fp32.pt")):
-                weights[os.path.basename(os.path.dirname(path))] = _load(path)["param"]
+                name = os.path.basename(os.path.dirname(path))
+                saved = _load(path)
+                tensor = saved["param"] if isinstance(saved, dict) else saved
+                weights[name] = tensor.reshape(shapes[name])
         elif kind == "pipeline":
             weights = _pipeline_weights(ref, cfg)
         else:

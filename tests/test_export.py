@@ -239,3 +239,25 @@ def test_a_killed_export_leaves_no_directory_that_half_loads(runs, tmp_path):
             hf_model(out)
         outcomes.append(out.exists())
     assert not all(outcomes), "no kill landed before the end: the test measured nothing"
+
+
+@pytest.mark.slow
+def test_a_universal_checkpoint_exports_the_weights_it_was_made_from(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    run, hf_dir = runs["zero3"]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    converted = subprocess.run(
+        [sys.executable, "-m", "pretrain.universal", str(copy)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    export(copy, tmp_path / "hf", "--checkpoint", "global_step000006_universal")
+    ours = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    expected = load_file(str(hf_dir / "model.safetensors"))
+    assert ours.keys() == expected.keys()
+    assert all(torch.equal(ours[k], expected[k]) for k in ours)

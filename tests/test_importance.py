@@ -299,3 +299,39 @@ def test_two_gloo_ranks_end_bit_identical_and_equal_to_single_process(tmp_path):
     assert torch.equal(table0, single.table)
     assert not torch.equal(single.table, table().table)  # the update did something
     assert torch.load(tmp_path / "caught0.pt") and torch.load(tmp_path / "caught1.pt")
+
+
+def test_non_finite_losses_never_enter_the_table():
+    t = table(beta=0.5)
+    before = t.table.clone()
+    ids = torch.tensor([7, 7, 9, 11, 12])
+    losses = torch.tensor([float("nan"), 2.0, float("inf"), float("-inf"), 1.0])
+    t.accumulate(ids, losses)
+    t.synchronize_and_apply()
+    assert torch.isfinite(t.table).all()
+    assert t.table[7] == 0.5 * before[7] + 0.5 * 2.0  # the NaN left out, its neighbour kept
+    assert t.table[12] == 0.5 * before[12] + 0.5 * 1.0
+    assert t.table[9] == before[9] and t.table[11] == before[11]  # only non-finite: untouched
+
+
+def _nan_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        t = ImportanceTable(VOCAB, "loss_ema", allow_ids=ALLOW, deny_ids=DENY, beta=0.75)
+        bad = float("nan") if rank == 1 else 1.0  # one rank overflows on id 7
+        t.accumulate(torch.tensor([7, 9]), torch.tensor([bad, 0.5]))
+        t.synchronize_and_apply()
+        t.verify_synchronized()
+        torch.save(t.table, os.path.join(out_dir, f"nan{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_leaves_the_tables_finite_and_identical(tmp_path):
+    mp.spawn(_nan_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    table0, table1 = torch.load(tmp_path / "nan0.pt"), torch.load(tmp_path / "nan1.pt")
+    assert torch.equal(table0, table1) and torch.isfinite(table0).all()
+    start = table().table
+    assert table0[7] == 0.75 * start[7] + 0.25 * 1.0  # rank 0's loss alone

@@ -261,3 +261,29 @@ def test_a_universal_checkpoint_exports_the_weights_it_was_made_from(runs, tmp_p
     expected = load_file(str(hf_dir / "model.safetensors"))
     assert ours.keys() == expected.keys()
     assert all(torch.equal(ours[k], expected[k]) for k in ours)
+
+
+@pytest.mark.slow
+def test_finetune_takes_a_run_dir_exports_it_once_and_reuses_it(runs, tmp_path):
+    """python -m finetune --model RUN_DIR: the real export into OUT/exported_model, reused
+    by the next run into the same OUT."""
+    run, hf_dir = runs["zero0"]
+    out = tmp_path / "ft"
+    command = [sys.executable, "-m", "finetune", "--model", str(run), "--task"]
+    command += ["builtin:next-sentence", "--output", str(out), "--seeds", "1", "--epochs", "0.05"]
+    for expected in ("exporting", "reusing"):
+        result = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, env=OFFLINE, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert expected in result.stderr
+    results = json.load(open(out / "results.json"))
+    assert results["exported_from"] == str(run) and results["model"] == str(out / "exported_model")
+    accuracy = results["tasks"]["next-sentence"]["metrics"]["accuracy"]["per_seed"]["1"]
+    assert 0.0 <= accuracy <= 1.0
+    from safetensors.torch import load_file
+
+    ours, reference = (
+        load_file(str(d / "model.safetensors")) for d in (out / "exported_model", hf_dir)
+    )
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)

@@ -4,6 +4,8 @@
 #   2. two-rank DeepSpeed training (ZeRO-2, CPU) with token dropping, stopped at step 30
 #      with a checkpoint, as a time-limited cluster job would be
 #   3. the same command with --resume auto continues to step 60
+#   4. export of the run as a Hugging Face BERT directory, and a fill-mask example from it
+#   5. a brief fine-tuning of the export on the built-in sentence-pair task, with baselines
 # Outputs go under runs/demo/ (DEMO_DIR to change); a rerun starts the training afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,7 @@ PYTHON=${PYTHON:-python3}
 DATA="$DEMO_DIR/data"
 RUN="$DEMO_DIR/run"
 
-echo "== 1/3 data preparation: builtin:python-docstrings -> $DATA"
+echo "== 1/5 data preparation: builtin:python-docstrings -> $DATA"
 "$PYTHON" -m data_prep --input builtin:python-docstrings --output "$DATA" \
     --seq-len 128 --vocab-size 8000
 "$PYTHON" -m data_prep.inspect "$DATA" --samples 1
@@ -22,17 +24,37 @@ TRAIN=(pretrain/run.py --deepspeed_config ds_configs/cpu_zero2.json --data "$DAT
        --output "$RUN" --model tiny --train-steps 60 --token-drop loss_ema --keep-ratio 0.5
        --eval-every 30 --save-every 0)
 echo
-echo "== 2/3 training on 2 ranks with token dropping, stopping at step 30 with a checkpoint"
+echo "== 2/5 training on 2 ranks with token dropping, stopping at step 30 with a checkpoint"
 echo "   (the first DeepSpeed run on a machine compiles a communication op: about 90 s)"
 deepspeed --num_gpus 2 "${TRAIN[@]}" --stop-at-step 30 2>&1 | grep -v '^\[20'
 
 echo
-echo "== 3/3 resuming from the checkpoint to step 60"
+echo "== 3/5 resuming from the checkpoint to step 60"
 deepspeed --num_gpus 2 "${TRAIN[@]}" --resume auto 2>&1 | grep -v '^\[20'
 
 echo
 echo "Last metrics lines ($RUN/metrics.jsonl):"
 tail -n 3 "$RUN/metrics.jsonl"
+
+HF="$DEMO_DIR/hf"
+echo
+echo "== 4/5 export to a Hugging Face directory, then fill-mask with transformers"
+"$PYTHON" -m pretrain.export "$RUN" --output "$HF" --overwrite
+HF_HUB_OFFLINE=1 "$PYTHON" - "$HF" <<'PY'
+import sys
+from transformers import pipeline
+
+fill = pipeline("fill-mask", model=sys.argv[1])
+text = "Return the [MASK] of the file."
+print(f"  {text}")
+for guess in fill(text, top_k=3):
+    print(f"    {guess['score']:.3f}  {guess['sequence']}")
+PY
+
+echo
+echo "== 5/5 fine-tuning the export briefly on builtin:next-sentence (a sentence-pair task)"
+HF_HUB_OFFLINE=1 "$PYTHON" -m finetune --model "$HF" --task builtin:next-sentence \
+    --output "$DEMO_DIR/finetune" --seeds 1 --epochs 1 --baselines
 echo
 echo "Outputs:"
 echo "  data (tokenizer, Arrow shards, manifest)  $DATA"
@@ -40,3 +62,5 @@ echo "  run config                                $RUN/config.json"
 echo "  metrics, one JSON line per step           $RUN/metrics.jsonl"
 echo "  checkpoints (DeepSpeed, sharded)          $RUN/checkpoints"
 echo "  TensorBoard events                        $RUN/tensorboard"
+echo "  Hugging Face model (transformers)         $HF"
+echo "  fine-tuning results                       $DEMO_DIR/finetune/results.json"

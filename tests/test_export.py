@@ -218,27 +218,41 @@ def test_bad_checkpoints_are_one_line_errors_and_leave_no_directory(runs, tmp_pa
 
 @pytest.mark.slow
 def test_a_killed_export_leaves_no_directory_that_half_loads(runs, tmp_path):
-    """SIGKILL at seeded random moments: the output is either absent or complete."""
+    """SIGKILL at seeded random moments of an export: the output is absent or complete."""
     run, _ = runs["zero0"]
+    command = [sys.executable, "-m", "pretrain.export", str(run), "--output"]
+    # when the output appears in an export left alone (the process lives on after that)
+    started, timed = (
+        time.perf_counter(),
+        subprocess.Popen(
+            [*command, str(tmp_path / "timed")], cwd=REPO, env=OFFLINE, stderr=subprocess.DEVNULL
+        ),
+    )
+    while not (tmp_path / "timed").exists() and timed.poll() is None:
+        time.sleep(0.01)
+    duration = time.perf_counter() - started
+    assert timed.wait() == 0
     rng = random.Random(5)
     outcomes = []
-    for attempt in range(4):
+    for attempt in range(5):
         out = tmp_path / f"hf{attempt}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pretrain.export", str(run), "--output", str(out)],
+            [*command, str(out)],
             cwd=REPO,
             env=OFFLINE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(1.0, 8.0))
+        time.sleep(rng.uniform(0.2, 1.05) * duration)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if out.exists():
-            assert sorted(os.listdir(out)) == sorted(os.listdir(runs["zero0"][1]))
+            assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "timed"))
             hf_model(out)
         outcomes.append(out.exists())
     assert not all(outcomes), "no kill landed before the end: the test measured nothing"
+    export(run, tmp_path / "hf0", "--overwrite")  # a rerun clears a killed run's leftovers
+    assert not list(tmp_path.glob("hf0.tmp-*"))
 
 
 @pytest.mark.slow

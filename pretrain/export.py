@@ -87,7 +87,7 @@ def _load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _kind(ref: CheckpointRef, state: dict) -> str:
+def _kind(state: dict) -> str:
     config = state["config"]
     if state.get("universal"):
         return "universal"
@@ -125,7 +125,7 @@ def read_weights(ref: CheckpointRef) -> tuple[ModelConfig, dict[str, torch.Tenso
     """(model config, fp32 state dict under BertForTokenDropPretraining's names, the
     checkpoint's client state) of checkpoint ``ref``."""
     state = _run_state(ref)
-    kind = _kind(ref, state)
+    kind = _kind(state)
     missing = [
         f
         for f in _expected_files(ref, state, kind)

@@ -45,7 +45,8 @@ def fingerprint(name: str) -> str:
     return f"builtin:{name} (Python {sys.version.split()[0]})"
 
 
-def _stdlib_files() -> list[str]:
+def stdlib_files() -> list[str]:
+    """The standard library's ``.py`` files (``site-packages`` left out), in sorted order."""
     root = sysconfig.get_paths()["stdlib"]
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -58,7 +59,11 @@ def _clean(doc: str) -> str:
     return _BLANK_LINES.sub("\n", inspect.cleandoc(doc)).strip()
 
 
-def _docstrings(path: str):
+def docstrings(path: str):
+    """The docstrings of the file at ``path`` (module, classes, functions; at least
+    :data:`_MIN_CHARS` characters, cleaned as ``inspect.cleandoc`` does, blank lines
+    collapsed), and the topics of ``pydoc_data/topics.py``. Nothing in a file that does not
+    parse."""
     try:
         with open(path, encoding="utf-8") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -85,7 +90,7 @@ def write_builtin(name: str, path: str) -> None:
     assert name == "python-docstrings", name
     # not synced: a work file of the run, deleted when it ends
     with atomic_file(path, sync=False) as out:
-        for file in _stdlib_files():
-            for doc in _docstrings(file):
+        for file in stdlib_files():
+            for doc in docstrings(file):
                 out.write(doc.replace("\x00", "").encode("utf-8"))
                 out.write(b"\n\n")

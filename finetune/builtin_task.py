@@ -1,4 +1,4 @@
-"""Two downstream tasks built from the standard library's docstrings: no download needed.
+"""Three downstream tasks built from the standard library's docstrings: no download needed.
 
 The text is what data_prep's built-in corpus reads (:mod:`data_prep.builtin_corpus`), its
 test suites left out (``test/``, ``tests/``, ``idle_test/`` directories): docstrings cut
@@ -6,18 +6,25 @@ into sentences, keeping plain prose only (5 to 40 words, ASCII, a capital first 
 stop last, none of the characters of code such as ``= _ [ ] < > `` ``, no call ``f(x)``,
 no ``>>>``).
 
-Both tasks split by module (the ``.py`` file): modules are taken in a seeded order into
-dev until dev holds :data:`DEV_FRACTION` of the sentences, and a dev example whose text
-(any of its sentences) also occurs in a train module is dropped, so no sentence is in both
-splits. Labels are balanced: the examples of a split alternate between the classes, then
-are shuffled. Everything is a function of the seed (and of the Python version, whose
-standard library is the text).
+All tasks split by module (the ``.py`` file), stratified by the topic of the module's
+package (below; every other module is one more stratum): within a stratum, modules are
+taken in a seeded order into dev until dev holds :data:`DEV_FRACTION` of the stratum's
+sentences. A dev example whose text (any of its sentences) also occurs in a train module is
+dropped, so no sentence is in both splits. Labels are balanced. Everything is a function of
+the seed (and of the Python version, whose standard library is the text).
 
 The built-in pretraining corpus (``builtin:python-docstrings``) holds these docstrings, dev
-modules included: a model pretrained on it has seen the dev sentences in their original
-order and sequence. For a measurement without that, pretrain on text without the modules
-that :func:`dev_modules` lists.
+modules included: a model pretrained on it has seen the dev sentences (never their
+labels). For a measurement without that, pretrain on text without the modules that
+:func:`dev_modules` lists.
 
+- ``topic`` (single sentence, four classes, accuracy): which part of the library does the
+  sentence document: ``gui`` (tkinter, idlelib, turtledemo), ``concurrency`` (asyncio,
+  concurrent, multiprocessing), ``internet`` (email, http, urllib, xmlrpc, wsgiref) or
+  ``packaging`` (distutils, importlib, ensurepip, venv). Each class has as many examples as
+  the smallest (per split); a sentence found in two classes is left out. Words carry most
+  of the signal, so a bag of words does well; what pretraining adds is knowing the words
+  that the few train examples never show.
 - ``word-order`` (single sentence, accuracy): is the word order original (label 1) or
   locally corrupted (0): two adjacent words swapped, or a span of three shuffled. Only
   lower-case words without punctuation move, never the first or last word, so the bag of
@@ -29,9 +36,9 @@ that :func:`dev_modules` lists.
   same module's vocabulary, never a docstring's first sentence (true next sentences never
   are), and within two words of the true next sentence's length.
 
-``python -m finetune.builtin_task --output DIR`` writes both as GLUE-format directories
-(``DIR/word-order/{train,dev}.tsv`` with columns ``sentence label``,
-``DIR/next-sentence/{train,dev}.tsv`` with ``sentence1 sentence2 label``).
+``python -m finetune.builtin_task --output DIR`` writes them as GLUE-format directories
+(``DIR/topic/{train,dev}.tsv`` and ``DIR/word-order/...`` with columns ``sentence label``,
+``DIR/next-sentence/...`` with ``sentence1 sentence2 label``).
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from finetune.errors import FinetuneError
 from finetune.tasks import Split, Task
 
 BUILTIN_TASKS = {
+    "topic": "which part of the standard library a sentence documents: gui, concurrency, "
+    "internet or packaging",
     "word-order": "is the sentence's word order original (1) or locally corrupted (0)",
     "next-sentence": "does sentence B follow A in its docstring (1) or come from another "
     "docstring of the module (0)",
@@ -65,6 +74,19 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _CODE = re.compile(r"[=_\[\]{}<>`*#|\\/@$%~^]|\w\(|\(\)|>>>|\.\.|::")  # code; calls f(x)
 _MOVABLE = re.compile(r"[a-z]+")  # a word that may move in word-order
 _TEST_DIRS = {"test", "tests", "idle_test"}
+TOPICS = {  # class: the top-level packages whose modules it takes
+    "concurrency": ("asyncio", "concurrent", "multiprocessing"),
+    "gui": ("tkinter", "idlelib", "turtledemo"),
+    "internet": ("email", "http", "urllib", "xmlrpc", "wsgiref"),
+    "packaging": ("distutils", "importlib", "ensurepip", "venv"),
+}
+_TOPIC_OF = {package: topic for topic, packages in TOPICS.items() for package in packages}
+
+
+def topic_of(module: str) -> str | None:
+    """The :data:`TOPICS` class of a module (``asyncio/tasks.py``), None outside them."""
+    package, sep, _ = module.partition("/")
+    return _TOPIC_OF.get(package) if sep else None
 
 
 @dataclass
@@ -87,16 +109,16 @@ def _plain(sentence: str) -> bool:
 def read_modules() -> dict[str, list[Docstring]]:
     """The standard library's modules (path relative to the library, sorted), each its
     docstrings as sentences; data_prep's built-in corpus reader does the parsing."""
-    from data_prep.builtin_corpus import _docstrings, _stdlib_files
+    from data_prep.builtin_corpus import docstrings, stdlib_files
 
     root = sysconfig.get_paths()["stdlib"]
     modules = {}
-    for path in _stdlib_files():
+    for path in stdlib_files():
         rel = os.path.relpath(path, root).replace(os.sep, "/")
         if _TEST_DIRS & set(rel.split("/")[:-1]):
             continue
         docs = []
-        for doc in _docstrings(path):
+        for doc in docstrings(path):
             sentences = _SENTENCE_END.split(" ".join(doc.split()))
             docs.append(Docstring([s if _plain(s) else None for s in sentences]))
         if docs:
@@ -105,17 +127,22 @@ def read_modules() -> dict[str, list[Docstring]]:
 
 
 def split_modules(modules: dict[str, list[Docstring]], seed: int) -> dict[str, list[str]]:
-    """{"train": [...], "dev": [...]} module names: a seeded order fills dev first."""
-    order = sorted(modules, key=lambda m: zlib.crc32(f"{seed}:{m}".encode()))
+    """{"train": [...], "dev": [...]} module names: within each topic (and among the modules
+    of none), a seeded order fills dev first."""
+    strata: dict[str, list[str]] = {}
+    for m in modules:
+        strata.setdefault(topic_of(m) or "", []).append(m)
     count = {m: sum(s is not None for d in modules[m] for s in d.sentences) for m in modules}
-    total, dev, dev_count = sum(count.values()), [], 0
-    for m in order:
-        if dev_count >= DEV_FRACTION * total:
-            break
-        dev.append(m)
-        dev_count += count[m]
-    dev_set = set(dev)
-    return {"train": sorted(m for m in modules if m not in dev_set), "dev": sorted(dev)}
+    dev = set()
+    for stratum in sorted(strata):
+        names = sorted(strata[stratum], key=lambda m: zlib.crc32(f"{seed}:{m}".encode()))
+        total, dev_count = sum(count[m] for m in names), 0
+        for m in names:
+            if dev_count >= DEV_FRACTION * total:
+                break
+            dev.add(m)
+            dev_count += count[m]
+    return {"train": sorted(m for m in modules if m not in dev), "dev": sorted(dev)}
 
 
 def dev_modules(seed: int = DEFAULT_SEED) -> list[str]:
@@ -128,6 +155,31 @@ def _balanced_labels(n: int, rng: random.Random) -> list[str]:
     labels = ["1" if i % 2 == 0 else "0" for i in range(n)]
     rng.shuffle(labels)
     return labels
+
+
+# -- topic ---------------------------------------------------------------------------------
+
+
+def topic_examples(
+    modules: dict[str, list[Docstring]], names: list[str], exclude: set[str], seed: int, split: str
+) -> tuple[list[str], list[str]]:
+    """(sentences, labels) of one split: each class's unique plain sentences, as many per
+    class as the smallest class has (at most an equal share of :data:`MAX_EXAMPLES`)."""
+    pools: dict[str, set[str]] = {topic: set() for topic in TOPICS}
+    for m in names:
+        topic = topic_of(m)
+        if topic is not None:
+            pools[topic] |= {s for d in modules[m] for s in d.sentences if s and s not in exclude}
+    seen_in: dict[str, int] = {}
+    for pool in pools.values():
+        for s in pool:
+            seen_in[s] = seen_in.get(s, 0) + 1
+    per_class = {t: sorted(s for s in pool if seen_in[s] == 1) for t, pool in pools.items()}
+    n = min(min(map(len, per_class.values())), MAX_EXAMPLES[split] // len(TOPICS))
+    rng = random.Random(f"topic:{seed}:{split}")
+    examples = [(s, t) for t in sorted(per_class) for s in rng.sample(per_class[t], n)]
+    rng.shuffle(examples)
+    return [s for s, _ in examples], [t for _, t in examples]
 
 
 # -- word-order ----------------------------------------------------------------------------
@@ -249,9 +301,11 @@ def build_tasks(
         for part in ("train", "dev"):
             exclude = set() if part == "train" else train_sentences
             where = f"{source} (seed {seed}) {part}"
-            if name == "word-order":
+            b = None
+            if name == "topic":
+                a, labels = topic_examples(modules, split[part], exclude, seed, part)
+            elif name == "word-order":
                 a, labels = word_order_examples(modules, split[part], exclude, seed, part)
-                b = None
             else:
                 a, b, labels = next_sentence_examples(modules, split[part], exclude, seed, part)
             splits[part] = Split(part, where, a, b, labels, [str(i) for i in range(len(a))])
@@ -260,13 +314,13 @@ def build_tasks(
                 name=name,
                 source=source,
                 layout=source,
-                text_fields=("sentence",) if name == "word-order" else ("sentence1", "sentence2"),
+                text_fields=("sentence",) if b is None else ("sentence1", "sentence2"),
                 label_field="label",
                 regression=False,
                 metrics=("accuracy",),
                 train=splits["train"],
                 evals=[("", splits["dev"])],
-                label_list=["0", "1"],
+                label_list=sorted(TOPICS) if name == "topic" else ["0", "1"],
                 baselines=True,
             )
         )

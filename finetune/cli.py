@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_DIR",
         help="a task directory (train/dev .tsv or .jsonl; GLUE layouts by the directory's "
         "name), a directory of task directories (glue_data/), a GLUE task name looked up in "
-        "$GLUE_DIR, or builtin:word-order, builtin:next-sentence, builtin:all",
+        "$GLUE_DIR, or builtin:topic, builtin:word-order, builtin:next-sentence, builtin:all",
     )
     p.add_argument("--output", required=True, metavar="OUT", help="results.json goes here")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds, one run each")

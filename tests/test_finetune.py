@@ -46,13 +46,13 @@ def make_tiny_bert(path, seed: int = 0) -> str:
     from tokenizers.trainers import WordPieceTrainer
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    from data_prep.builtin_corpus import _docstrings
+    from data_prep.builtin_corpus import docstrings
 
     stdlib = sysconfig.get_paths()["stdlib"]
     texts = [
         doc
         for name in ("argparse.py", "json/__init__.py", "logging/__init__.py", "typing.py")
-        for doc in _docstrings(os.path.join(stdlib, name))
+        for doc in docstrings(os.path.join(stdlib, name))
     ]
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -101,10 +101,8 @@ def stdlib_modules():
 
 @pytest.fixture(scope="session")
 def builtin_tasks(stdlib_modules):
-    word_order, next_sentence = builtin_task.build_tasks(
-        ["word-order", "next-sentence"], modules=stdlib_modules
-    )
-    return {"word-order": word_order, "next-sentence": next_sentence}
+    tasks = builtin_task.build_tasks(list(builtin_task.BUILTIN_TASKS), modules=stdlib_modules)
+    return {task.name: task for task in tasks}
 
 
 @pytest.fixture
@@ -649,7 +647,7 @@ def test_end_to_end_learns_and_writes_results(tmp_path, tiny_model, capsys):
 
 
 def test_a_random_model_fine_tunes_on_builtin_tasks(tmp_path, tiny_model, capsys, cached_modules):
-    """The pipeline end to end on both built-in tasks, briefly: baselines are reported
+    """The pipeline end to end on every built-in task, briefly: baselines are reported
     without --baselines; a random model is near chance (no claim of learning here)."""
     out_dir = tmp_path / "out"
     code, out, err = run_cli(
@@ -659,11 +657,12 @@ def test_a_random_model_fine_tunes_on_builtin_tasks(tmp_path, tiny_model, capsys
     )
     assert code == 0, err
     results = json.loads((out_dir / "results.json").read_text())
-    assert list(results["tasks"]) == ["word-order", "next-sentence"]
+    assert list(results["tasks"]) == ["topic", "word-order", "next-sentence"]
     for name, entry in results["tasks"].items():
         assert entry["layout"] == f"builtin:{name}"
         assert set(entry["baselines"]) == {"majority", "bow"}
-        assert 0.3 < entry["metrics"]["accuracy"]["mean"] < 0.7
+        chance = 1 / len(entry["labels"])
+        assert abs(entry["metrics"]["accuracy"]["mean"] - chance) < 0.2
         assert entry["metrics"]["accuracy"]["std"] is None  # one seed
     assert results["tasks"]["next-sentence"]["text_fields"] == ["sentence1", "sentence2"]
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:-1]}
@@ -698,6 +697,63 @@ def test_same_seed_same_results(tmp_path, tiny_model, capsys):
     assert first[1] != other[1]
 
 
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+    """A model this project pretrained: data_prep on the built-in corpus (vocabulary 2000,
+    sequences of 64), the tiny model 500 steps on one rank with token dropping (loss_ema,
+    keep ratio 0.5, batches of 64, peak lr 1e-3), exported."""
+    from test_train import deepspeed
+
+    root = tmp_path_factory.mktemp("pretrained")
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    data = root / "data"
+    subprocess.run(
+        [sys.executable, "-m", "data_prep", "--input", "builtin:python-docstrings"]
+        + ["--output", str(data), "--seq-len", "64", "--vocab-size", "2000"],
+        cwd=ROOT, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    with open(os.path.join(ROOT, "ds_configs", "cpu_zero0.json")) as f:
+        ds = json.load(f)
+    ds.update(train_batch_size=64, train_micro_batch_size_per_gpu=32)
+    ds["scheduler"]["params"].update(warmup_max_lr=1e-3, warmup_num_steps=30)
+    (root / "ds.json").write_text(json.dumps(ds))
+    run = root / "run"
+    deepspeed(
+        ["--deepspeed_config", str(root / "ds.json"), "--data", str(data), "--output", str(run)]
+        + ["--model", "tiny", "--train-steps", "500", "--token-drop", "loss_ema"]
+        + ["--eval-every", "500", "--save-every", "0"],
+        ranks=1,
+    )  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pretrain.export", str(run), "--output", str(root / "hf")],
+        cwd=ROOT, check=True, capture_output=True, env=offline, timeout=600,
+    )  # fmt: skip
+    return str(root / "hf")
+
+
+@pytest.mark.slow
+def test_a_pretrained_model_beats_the_majority_class_and_repeats_itself(
+    tmp_path, pretrained, capsys, cached_modules
+):
+    """builtin:topic (four balanced classes, majority 25%) after our own pretraining: clearly
+    above the majority class, and the same score again for the seed.
+    (No claim against a random initialisation: at this size pretraining does not beat it,
+    see docs/benchmarks.md.)"""
+    results = []
+    for name in ("a", "b"):
+        args = ["--model", pretrained, "--task", "builtin:topic", "--output", tmp_path / name]
+        code, out, err = run_cli([*args, "--seeds", "1", "--lr", "5e-4"], capsys)
+        assert code == 0, err
+        results.append(json.loads((tmp_path / name / "results.json").read_text())["tasks"])
+    entry = results[0]["topic"]
+    majority = entry["baselines"]["majority"]["accuracy"]
+    accuracy = entry["metrics"]["accuracy"]["mean"]
+    print(f"builtin:topic accuracy {accuracy:.3f} (majority {majority:.3f})")
+    assert majority == 0.25
+    assert accuracy >= majority + 0.1, entry["metrics"]
+    assert results[1]["topic"]["metrics"] == entry["metrics"]  # exactly, to the last bit
+
 # -- the built-in tasks ---------------------------------------------------------------------
 
 
@@ -705,16 +761,39 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(sorted(text.split()))
 
 
-@pytest.mark.parametrize("name", ["word-order", "next-sentence"])
+@pytest.mark.parametrize("name", list(builtin_task.BUILTIN_TASKS))
 def test_builtin_labels_balanced_and_sizes(builtin_tasks, name):
     task = builtin_tasks[name]
     dev = task.evals[0][1]
-    assert len(task.train) >= 2000 and len(dev) >= 400
+    assert len(task.train) >= 1600 and len(dev) >= 400
     for split in (task.train, dev):
-        ones = split.labels.count("1")
-        assert abs(2 * ones - len(split)) <= 1
-        assert set(split.labels) == {"0", "1"}
+        counts = [split.labels.count(label) for label in task.label_list]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == len(split)
         assert all("\t" not in t and "\n" not in t for t in split.text_a + (split.text_b or []))
+
+
+def test_builtin_topic_labels_are_the_modules_topics(builtin_tasks, stdlib_modules):
+    task = builtin_tasks["topic"]
+    assert task.label_list == ["concurrency", "gui", "internet", "packaging"]
+    topics_of = {}
+    for module, docs in stdlib_modules.items():
+        for doc in docs:
+            for s in doc.sentences:
+                if s:
+                    topics_of.setdefault(s, set()).add(builtin_task.topic_of(module))
+    dev = task.evals[0][1]
+    for split in (task.train, dev):
+        assert len(set(split.text_a)) == len(split)
+        for sentence, label in zip(split.text_a, split.labels):
+            assert label in topics_of[sentence]
+    assert not set(task.train.text_a) & set(dev.text_a)
+    # every topic's dev modules are held out of train (a stratified split by module)
+    dev_modules = set(builtin_task.dev_modules())
+    for topic in task.label_list:
+        names = [m for m in stdlib_modules if builtin_task.topic_of(m) == topic]
+        assert 0 < len(dev_modules.intersection(names)) < len(names)
+    assert builtin_task.topic_of("asyncio/tasks.py") == "concurrency"
+    assert builtin_task.topic_of("email.py") is None and builtin_task.topic_of("os.py") is None
 
 
 def test_builtin_word_order_splits_share_no_sentence(builtin_tasks):
@@ -791,6 +870,9 @@ def test_builtin_lengths_do_not_give_the_label_away(builtin_tasks, name):
 def test_builtin_baselines(builtin_tasks):
     from finetune.baselines import run_baselines
 
+    topic = run_baselines(builtin_tasks["topic"])
+    assert topic["majority"]["accuracy"] == 0.25  # four balanced classes
+    assert 0.55 < topic["bow"]["accuracy"] < 0.9  # words carry the topic
     word_order = run_baselines(builtin_tasks["word-order"])
     assert word_order["majority"]["accuracy"] == pytest.approx(0.5, abs=0.01)
     assert abs(word_order["bow"]["accuracy"] - 0.5) < 0.05  # the bag is the same
@@ -815,7 +897,7 @@ def test_builtin_written_as_glue_directories(tmp_path, builtin_tasks, cached_mod
     info = json.loads((tmp_path / "builtin/next-sentence/task.json").read_text())
     assert info["task"] == "builtin:next-sentence" and info["seed"] == 0
     loaded = {t.name: t for t in load_tasks(str(tmp_path / "builtin"))}
-    assert set(loaded) == {"word-order", "next-sentence"}
+    assert set(loaded) == set(builtin_task.BUILTIN_TASKS)
     for name, task in builtin_tasks.items():
         disk = loaded[name]
         assert disk.layout == "generic" and disk.text_fields == task.text_fields

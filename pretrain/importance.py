@@ -227,6 +227,12 @@ class ImportanceTable:
         )
         acc.zero_()
 
+    def discard(self) -> None:
+        """Drop what was accumulated since the last update, with no collective: the step it
+        came from was skipped (an fp16 loss-scale overflow), so the table does not learn
+        from it either. Every rank must agree (the trainer makes the decision global)."""
+        self._accumulator.zero_()
+
     # -- consistency and checkpoints ---------------------------------------------------
 
     def checksum(self) -> torch.Tensor:

@@ -81,6 +81,7 @@ class StepResult:
     grad_norm: float | None
     table_sync_s: float
     stop_requested: bool
+    skipped: bool = False  # the optimizer skipped the update (fp16 overflow); table untouched
 
 
 class StepRunner(Protocol):
@@ -337,6 +338,8 @@ class Trainer:
         }
         if result.grad_norm is not None:
             record["grad_norm"] = result.grad_norm
+        if result.skipped:
+            record["skipped"] = True
         return record, result.stop_requested
 
     def run_step(self, full_seq_from: int | None = None) -> StepResult:
@@ -347,8 +350,12 @@ class Trainer:
         lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
         self.sums = MlmSums(training=True)
         self.runner.train_step(self.loader.next_step(), kept_tokens)
+        skipped = self._step_skipped()
         started = time.perf_counter()
-        self.table.synchronize_and_apply()  # over the world, as save() verifies
+        if skipped:
+            self.table.discard()
+        else:
+            self.table.synchronize_and_apply()  # over the world, as save() verifies
         table_sync_s = time.perf_counter() - started
         grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
@@ -371,7 +378,17 @@ class Trainer:
             grad_norm=None if grad_norm is None else float(grad_norm),
             table_sync_s=table_sync_s,
             stop_requested=bool(stop),
+            skipped=skipped,
         )
+
+    def _step_skipped(self) -> bool:
+        """Whether the optimizer skipped this step's update on some rank: only fp16's loss
+        scaling skips (on an overflow). Decided over the whole job (one small collective,
+        under fp16 only), so that every rank's table discards or learns alike."""
+        if not self.engine.fp16_enabled():
+            return False
+        (skips,) = distributed.all_reduce_sum([float(not self.engine.was_step_applied())])
+        return skips > 0
 
     def evaluate(self) -> dict | None:
         """Full-sequence validation (no dropping) on the fixed validation set."""

@@ -335,3 +335,37 @@ def test_a_nan_on_one_rank_leaves_the_tables_finite_and_identical(tmp_path):
     assert torch.equal(table0, table1) and torch.isfinite(table0).all()
     start = table().table
     assert table0[7] == 0.75 * start[7] + 0.25 * 1.0  # rank 0's loss alone
+
+
+def _skip_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        t = ImportanceTable(VOCAB, "loss_ema", allow_ids=ALLOW, deny_ids=DENY, beta=0.75)
+        for step, skipped in enumerate((False, True, False)):
+            loss = float(step + 1 + rank)
+            t.accumulate(torch.tensor([7, 9]), torch.tensor([loss, 10 * loss]))
+            if skipped:  # the trainer's decision is the same on every rank
+                t.discard()
+            else:
+                t.synchronize_and_apply()
+        t.verify_synchronized()
+        torch.save(t.table, os.path.join(out_dir, f"skip{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_skipped_step_leaves_the_table_as_if_it_never_happened(tmp_path):
+    """Steps 1 and 3 update the table; step 2 (an fp16 overflow: the optimizer skipped it)
+    is discarded on both ranks, which stay identical."""
+    mp.spawn(_skip_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    table0, table1 = torch.load(tmp_path / "skip0.pt"), torch.load(tmp_path / "skip1.pt")
+    assert torch.equal(table0, table1)
+    expected = table(beta=0.75)
+    for step in (0, 2):  # the mean over the ranks of step + 1 + rank
+        mean = step + 1.5
+        expected.accumulate(torch.tensor([7, 9]), torch.tensor([mean, 10 * mean]))
+        expected.synchronize_and_apply()
+    assert torch.allclose(table0, expected.table)
+    assert not torch.equal(table0, table().table)

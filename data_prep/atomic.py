@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -57,3 +58,16 @@ def create_once(path: str, data: bytes) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def replace_directory(new: str, target: str) -> None:
+    """Put the complete directory ``new`` at ``target``, replacing what is there: an old
+    ``target`` is renamed aside first and deleted only once ``new`` is in place, so a kill
+    leaves either directory whole (and a ``TMP_MARK`` sibling to clean up)."""
+    if not os.path.exists(target):
+        os.replace(new, target)
+        return
+    old = f"{target}{TMP_MARK}old-{os.getpid()}"
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old)

@@ -44,6 +44,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from data_prep.atomic import TMP_MARK, replace_directory  # noqa: E402
 from data_prep.errors import DataPrepError  # noqa: E402
 from data_prep.manifest import Manifest, load_manifest  # noqa: E402
 from pretrain.checkpoint import CheckpointRef, find_checkpoint  # noqa: E402
@@ -82,8 +83,9 @@ def _run_state(ref: CheckpointRef) -> dict:
         raise ExportError(f"{e} (a half-written checkpoint?)") from None
 
 
-def _load(path: str) -> dict:
-    # DeepSpeed's files are pickles: a checkpoint is as trusted as code
+def load_deepspeed_file(path: str) -> dict:
+    """A file DeepSpeed wrote into a checkpoint, on the CPU. They are pickles: a checkpoint
+    is as trusted as code."""
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -101,7 +103,7 @@ def _expected_files(ref: CheckpointRef, state: dict, kind: str) -> list[str]:
     """The files a complete checkpoint of ``kind`` has, as far as export reads them."""
     world = state["world_size"]
     if kind == "universal":
-        return [_model_states_file(ref), "zero"]
+        return [model_states_file(ref), "zero"]
     if kind == "zero0":
         return ["mp_rank_00_model_states.pt"]
     if kind == "pipeline":
@@ -113,7 +115,7 @@ def _expected_files(ref: CheckpointRef, state: dict, kind: str) -> list[str]:
     return ["mp_rank_00_model_states.pt", *files]
 
 
-def _model_states_file(ref: CheckpointRef) -> str:
+def model_states_file(ref: CheckpointRef) -> str:
     """Rank 0's model-states file, which also holds the client state (ZeRO-3 names it per rank)."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if os.path.exists(os.path.join(ref.path, name)):
@@ -134,7 +136,7 @@ def read_weights(ref: CheckpointRef) -> tuple[ModelConfig, dict[str, torch.Tenso
     if missing:
         raise ExportError(f"{ref.path}: incomplete checkpoint, {missing[0]} is missing")
     cfg = ModelConfig(**state["config"]["model"])
-    client = _load(os.path.join(ref.path, _model_states_file(ref)))
+    client = load_deepspeed_file(os.path.join(ref.path, model_states_file(ref)))
     try:
         if kind == "zero0":
             weights = dict(client["module"])
@@ -147,7 +149,7 @@ def read_weights(ref: CheckpointRef) -> tuple[ModelConfig, dict[str, torch.Tenso
             weights = {}
             for path in glob.glob(os.path.join(ref.path, "zero", "*", "fp32.pt")):
                 name = os.path.basename(os.path.dirname(path))
-                saved = _load(path)
+                saved = load_deepspeed_file(path)
                 tensor = saved["param"] if isinstance(saved, dict) else saved
                 weights[name] = tensor.reshape(shapes[name])
         elif kind == "pipeline":
@@ -172,7 +174,7 @@ def _pipeline_weights(ref: CheckpointRef, cfg: ModelConfig) -> dict[str, torch.T
         path = os.path.join(ref.path, f"layer_{index:02d}-model_states.pt")
         if not os.path.exists(path):
             continue  # a tied copy (the decoder) or a step without parameters (the merge)
-        for name, tensor in _load(path).items():
+        for name, tensor in load_deepspeed_file(path).items():
             attr, _, rest = name.partition(".")
             model_name = prefixes[attr] + (f".{rest}" if rest else "")
             weights[model_name] = tensor
@@ -314,9 +316,9 @@ def export_run(
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    for stale in glob.glob(f"{glob.escape(out_dir)}.tmp-*"):  # left by a killed export
+    for stale in glob.glob(f"{glob.escape(out_dir)}{TMP_MARK}*"):  # left by a killed export
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    tmp = f"{out_dir}{TMP_MARK}{os.getpid()}"
     try:
         hf.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -327,13 +329,7 @@ def export_run(
         card = _model_card(state, manifest, _final_validation(run_dir, state["step"]))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card)
-        if os.path.exists(out_dir):
-            old = f"{out_dir}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

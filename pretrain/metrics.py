@@ -66,12 +66,20 @@ class MetricsLogger:
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """Drop lines of steps after ``step`` (left by a run that went on past its checkpoint)."""
+    """Drop lines of steps after ``step`` (left by a run that went on past its checkpoint),
+    and a last line that a kill cut short mid-write (it does not parse)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
         with open(path, "w") as f:
             f.writelines(kept)

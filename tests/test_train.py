@@ -255,3 +255,20 @@ def test_resume_on_another_data_parallel_size_through_a_universal_checkpoint(dat
     state = json.load(open(universal / "run_state.json"))
     assert state["universal"] and state["consumed_samples"] == 8 * 16
     assert not torch.equal(table_at_8, torch.full_like(table_at_8, table_at_8[0]))
+
+
+def test_resume_drops_later_steps_and_a_line_cut_by_a_kill(tmp_path):
+    """The metrics of a resumed run: records after the checkpoint's step go, and so does a
+    last line that a SIGKILL cut mid-write; the next record starts on a line of its own."""
+    from pretrain.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": 1.0} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
+    log = MetricsLogger(str(tmp_path), True, total_steps=10, start_step=2)
+    log.log({"step": 3, "loss": 0.5})
+    log.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        *records[:2],
+        {"step": 3, "loss": 0.5},
+    ]

@@ -8,19 +8,31 @@ Layout (DeepSpeed's own, plus two small files of ours per tag):
         mp_rank_00_model_states.pt, *_optim_states.pt ...   DeepSpeed's shards
         run_state.json             step, consumed_samples, config, manifest hash (rank 0)
         rng/rank00000.pt ...       each rank's Python, NumPy and torch RNG states
+        files.json                 every other file's size and sha256, written before
+                                   ``latest`` names the checkpoint
 
 ``client_state`` carries the importance table, ``consumed_samples``, the resolved config
 and the manifest hash. ``latest`` is written by us, atomically, only after every rank has
 finished writing (DeepSpeed's own ``latest`` could name a checkpoint another rank is
 still writing). ``run_state.json`` lets a resume check compatibility before DeepSpeed
 touches any tensor, so a mismatch is a clear error instead of a shape error.
+
+A checkpoint proves itself: before one is loaded (``--resume``, export), its files are
+checked against ``files.json``. ``--resume auto`` falls back from a ``latest`` that fails
+to the newest checkpoint that verifies; ``--resume PATH`` to one that fails is an error
+naming the file. A checkpoint written before ``files.json`` existed loads unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +44,8 @@ from pretrain.config import ConfigError
 from pretrain.distributed import launcher_world_size
 
 LATEST = "latest"
+FILES = "files.json"
+_TAG = re.compile(r"global_step(\d+)")
 
 
 def tag_of(step: int) -> str:
@@ -58,10 +72,14 @@ class CheckpointRef:
             ) from None
 
 
-def find_checkpoint(resume: str | None, run_dir: str) -> CheckpointRef | None:
+def find_checkpoint(
+    resume: str | None, run_dir: str, say: Callable[[str], None] | None = None
+) -> CheckpointRef | None:
     """What ``--resume`` points at: None (fresh), ``auto`` or a PATH (a run directory, its
-    checkpoints directory, or one tag directory). Raises ConfigError when PATH holds none,
-    and when a fresh run would overwrite existing checkpoints."""
+    checkpoints directory, or one tag directory), verified (:func:`verify`). Raises
+    ConfigError when PATH holds none or fails verification, and when a fresh run would
+    overwrite existing checkpoints. ``auto`` falls back from a ``latest`` that fails to the
+    newest checkpoint that verifies, and tells ``say`` why."""
     own = os.path.join(run_dir, "checkpoints")
     if resume is None:
         if os.path.isfile(os.path.join(own, LATEST)):
@@ -71,17 +89,118 @@ def find_checkpoint(resume: str | None, run_dir: str) -> CheckpointRef | None:
             )
         return None
     if resume == "auto":
-        return _latest(own)
+        return _newest_verified(own, say or (lambda text: None))
     for directory in (os.path.join(resume, "checkpoints"), resume):
         ref = _latest(directory)
         if ref is not None:
+            verify(ref)
             return ref
     if os.path.isfile(os.path.join(resume, "run_state.json")):
         path = os.path.abspath(resume.rstrip("/"))
-        return CheckpointRef(os.path.dirname(path), os.path.basename(path))
+        ref = CheckpointRef(os.path.dirname(path), os.path.basename(path))
+        verify(ref)
+        return ref
     raise ConfigError(
         f"--resume {resume}: holds no checkpoint (no 'latest' file or run_state.json)"
     )
+
+
+def _newest_verified(directory: str, say: Callable[[str], None]) -> CheckpointRef | None:
+    """``latest``, or when it fails verification the newest checkpoint that verifies."""
+    latest = _latest(directory)
+    if latest is None:
+        return None
+    candidates = [latest] + [
+        ref for _, ref in reversed(complete_checkpoints(directory)) if ref.tag != latest.tag
+    ]
+    failures = []
+    for ref in candidates:
+        try:
+            verify(ref)
+        except ConfigError as e:
+            failures.append(str(e))
+            continue
+        if failures:
+            say(f"run.py: {failures[0]}; resuming from {ref.tag}, the newest that verifies")
+        return ref
+    raise ConfigError(f"no checkpoint in {directory} verifies ({failures[0]})")
+
+
+def complete_checkpoints(directory: str, marker: str = FILES) -> list[tuple[int, CheckpointRef]]:
+    """(step, checkpoint) of the tags in ``directory`` that hold ``marker`` (``files.json``:
+    their save finished; ``run_state.json``: rank 0's files are written), oldest first;
+    universal copies left out."""
+    found = []
+    for tag in os.listdir(directory) if os.path.isdir(directory) else []:
+        match = _TAG.fullmatch(tag)
+        if match and os.path.isfile(os.path.join(directory, tag, marker)):
+            found.append((int(match[1]), CheckpointRef(os.path.abspath(directory), tag)))
+    return sorted(found, key=lambda item: item[0])
+
+
+def _digest(path: str) -> dict:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": sha.hexdigest()}
+
+
+def _files_of(ref: CheckpointRef) -> list[str]:
+    """The checkpoint's files, relative to its directory, sorted; files.json left out."""
+    names = []
+    for root, _, files in os.walk(ref.path):
+        names += [os.path.relpath(os.path.join(root, f), ref.path) for f in files]
+    return sorted(n for n in names if n != FILES)
+
+
+def verify(ref: CheckpointRef) -> None:
+    """Check every file ``files.json`` records: present, of its size and its sha256. Raises
+    ConfigError naming the first that fails. Without ``files.json`` (a checkpoint from
+    before checksums were recorded) there is nothing to check."""
+    record = os.path.join(ref.path, FILES)
+    if not os.path.isfile(record):
+        return
+    try:
+        with open(record) as f:
+            files = json.load(f)["files"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ConfigError(f"checkpoint {ref.path}: unreadable {FILES} ({e})") from None
+    for name, expected in files.items():
+        path = os.path.join(ref.path, name)
+        if not os.path.isfile(path):
+            problem = "is missing"
+        elif os.path.getsize(path) != expected["bytes"]:
+            problem = f"has {os.path.getsize(path):,} bytes, {expected['bytes']:,} were written"
+        elif _digest(path)["sha256"] != expected["sha256"]:
+            problem = "differs from what was written (sha256)"
+        else:
+            continue
+        raise ConfigError(f"checkpoint {ref.path} is corrupt: {name} {problem}")
+
+
+def _record_files(ref: CheckpointRef) -> None:
+    """Every rank, once all have written: each hashes a share of the files, rank 0 writes
+    ``files.json`` (atomically)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names = [_files_of(ref) if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)  # one listing: every rank hashes its share
+    mine = {n: _digest(os.path.join(ref.path, n)) for n in names[0][rank::world]}
+    shares: list[dict | None] = [None] * world
+    dist.all_gather_object(shares, mine)
+    if rank == 0:
+        files = {n: d for share in shares for n, d in share.items()}
+        text = json.dumps({"files": dict(sorted(files.items()))}, indent=1)
+        write_atomic(os.path.join(ref.path, FILES), text.encode())
+
+
+def _prune(directory: str, step: int, keep: int) -> None:
+    """Keep the checkpoint of ``step`` (complete: ``latest`` names it) and the newest
+    ``keep - 1`` complete ones before it; delete the older ones. Checkpoints after ``step``
+    (left by a run that fell back to an older one) are not touched."""
+    older = [ref for s, ref in complete_checkpoints(directory) if s < step]
+    for ref in older[: max(len(older) - (keep - 1), 0)]:
+        shutil.rmtree(ref.path, ignore_errors=True)
 
 
 def _latest(directory: str) -> CheckpointRef | None:
@@ -137,9 +256,23 @@ def prepare_resume(state: dict, deepspeed_config: dict, where: str) -> None:
 
 
 def rng_state() -> dict:
+    """This process's Python, NumPy and torch RNG states as tensors and plain values, so
+    that ``torch.load(weights_only=True)`` reads them back without unpickling objects."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached,
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -148,15 +281,31 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run_dir: str, step: int, client_state: dict, run_state: dict) -> CheckpointRef:
-    """Every rank calls this. Writes the DeepSpeed shards, our files, then ``latest``."""
+def load_rng_file(path: str) -> dict:
+    """A rank's RNG file, read with ``weights_only=True``: tensors and plain values only."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(
+            f"{path}: not an RNG state of this version (it holds objects: {e}); a checkpoint "
+            "written before RNG states were stored as tensors cannot be resumed exactly"
+        ) from None
+
+
+def save(
+    engine, run_dir: str, step: int, client_state: dict, run_state: dict, keep: int = 0
+) -> CheckpointRef:
+    """Every rank calls this. Writes the DeepSpeed shards, our files, ``files.json``, then
+    ``latest``; then deletes all but the newest ``keep`` checkpoints (0: keeps all)."""
     directory = os.path.join(run_dir, "checkpoints")
     ref = CheckpointRef(directory, tag_of(step))
     rank = dist.get_rank()
@@ -167,9 +316,12 @@ def save(engine, run_dir: str, step: int, client_state: dict, run_state: dict) -
         write_atomic(
             os.path.join(ref.path, "run_state.json"), json.dumps(run_state, indent=2).encode()
         )
-    dist.barrier()  # every rank's shards are on disk before `latest` names them
+    dist.barrier()  # every rank's shards are on disk before they are hashed
+    _record_files(ref)
     if rank == 0:
         write_atomic(os.path.join(directory, LATEST), ref.tag.encode())
+        if keep:
+            _prune(directory, step, keep)
     dist.barrier()
     return ref
 
@@ -181,5 +333,5 @@ def load(engine, ref: CheckpointRef) -> dict:
         raise ConfigError(f"{ref.path}: DeepSpeed could not load this checkpoint")
     rng = os.path.join(ref.path, "rng", f"rank{dist.get_rank():05d}.pt")
     if os.path.isfile(rng):
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(load_rng_file(rng))
     return client_state

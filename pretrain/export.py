@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from data_prep.atomic import TMP_MARK, replace_directory  # noqa: E402
 from data_prep.errors import DataPrepError  # noqa: E402
 from data_prep.manifest import Manifest, load_manifest  # noqa: E402
-from pretrain.checkpoint import CheckpointRef, find_checkpoint  # noqa: E402
+from pretrain.checkpoint import CheckpointRef, find_checkpoint, verify  # noqa: E402
 from pretrain.config import ConfigError  # noqa: E402
 from pretrain.model import BertForTokenDropPretraining, ModelConfig, hf_bert_state_dict  # noqa: E402
 
@@ -72,7 +72,12 @@ def checkpoint_of(run_dir: str, checkpoint: str | None) -> CheckpointRef:
     for path in (os.path.join(run_dir, "checkpoints", checkpoint), checkpoint):
         if os.path.isdir(path):
             path = os.path.abspath(path.rstrip("/"))
-            return CheckpointRef(os.path.dirname(path), os.path.basename(path))
+            ref = CheckpointRef(os.path.dirname(path), os.path.basename(path))
+            try:
+                verify(ref)
+            except ConfigError as e:
+                raise ExportError(str(e)) from None
+            return ref
     raise ExportError(f"--checkpoint {checkpoint}: no such checkpoint in {run_dir}/checkpoints")
 
 

@@ -54,12 +54,14 @@ import numpy as np  # noqa: E402
 from data_prep.atomic import TMP_MARK, replace_directory  # noqa: E402
 from data_prep.errors import DataPrepError  # noqa: E402
 from data_prep.manifest import load_manifest  # noqa: E402
-from pretrain.checkpoint import CheckpointRef, tag_of  # noqa: E402
+from pretrain import checkpoint  # noqa: E402
+from pretrain.checkpoint import CheckpointRef  # noqa: E402
 from pretrain.flops import train_step_flops  # noqa: E402
 from pretrain.importance import STRATEGIES  # noqa: E402
 from pretrain.model import ModelConfig  # noqa: E402
 
 INDEX = "index.md"
+RUN_STATE = "run_state.json"
 LOSS_PLOT = "loss.png"
 TRAINING_PLOT = "training.png"
 STEP_FIELDS = ("step", "loss", "lr", "tokens_per_s", "kept_fraction", "kept_masked_fraction")
@@ -194,16 +196,8 @@ def has_table(strategy: str) -> bool:
 
 def complete_checkpoints(run_dir: str) -> list[tuple[int, CheckpointRef]]:
     """(step, checkpoint) of the run's checkpoints whose rank-0 files are complete
-    (``run_state.json`` is written after them), in step order; universal copies, which
-    repeat a step, are left out."""
-    directory = os.path.join(run_dir, "checkpoints")
-    found = []
-    for path in glob.glob(os.path.join(directory, "global_step*", "run_state.json")):
-        tag = os.path.basename(os.path.dirname(path))
-        match = re.fullmatch(r"global_step(\d+)", tag)
-        if match and tag_of(int(match[1])) == tag:
-            found.append((int(match[1]), CheckpointRef(directory, tag)))
-    return sorted(found, key=lambda found: found[0])
+    (``run_state.json`` is written after them), in step order."""
+    return checkpoint.complete_checkpoints(os.path.join(run_dir, "checkpoints"), RUN_STATE)
 
 
 def _importance_table(ref: CheckpointRef) -> np.ndarray:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         resolved = resolve(run)
         from pretrain import checkpoint
 
-        ref = checkpoint.find_checkpoint(run.resume, run.output)
+        ref = checkpoint.find_checkpoint(run.resume, run.output, say=_say)
         if ref is not None:
             state = ref.run_state()
             checkpoint.check_compatible(state, resolved.to_dict(), ref.path)

@@ -252,7 +252,14 @@ class Trainer:
             "world_size": distributed.world_size(),
             "config": config,
         }
-        return checkpoint.save(self.engine, self.cfg.output, self.step, client_state, run_state)
+        return checkpoint.save(
+            self.engine,
+            self.cfg.output,
+            self.step,
+            client_state,
+            run_state,
+            keep=self.cfg.keep_checkpoints,
+        )
 
     # -- the loop ------------------------------------------------------------------------
 

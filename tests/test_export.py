@@ -196,7 +196,7 @@ def test_bad_checkpoints_are_one_line_errors_and_leave_no_directory(runs, tmp_pa
         broken / "checkpoints" / "global_step000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     ).unlink()
     cases = [
-        (broken, (), "incomplete checkpoint", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+        (broken, (), "is corrupt", "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"),
         (tmp_path / "nowhere", (), "holds no checkpoint", ""),
         (run, ("--checkpoint", "global_step000099"), "no such checkpoint", "global_step000099"),
     ]

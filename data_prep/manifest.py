@@ -9,7 +9,7 @@
   "token_counts": {"file": "token_counts.arrow", "sha256": "..."},
   "splits": {"train": {"rows": R, "tokens": T, "docs": D,
                        "shards": [{"file": "train/shard-00000.arrow", "rows": r,
-                                   "tokens": t, "sha256": "..."}, ...]},
+                                   "tokens": t, "sha256": "...", "bytes": b}, ...]},
              "valid": {...}},
   "sources": [{"path": "...", "bytes": n}, ...],
   "settings": {...},            # what a rerun compares against
@@ -126,6 +126,44 @@ def load_manifest(data_dir: str) -> Manifest:
             if not os.path.isfile(os.path.join(data_dir, shard["file"])):
                 raise DataPrepError(f"{path}: shard {shard['file']} is missing")
     return manifest
+
+
+def verify_shards(manifest: Manifest, sha256: bool = False, progress=None) -> None:
+    """Check every shard of every split against the manifest before anything reads them:
+    present, of the recorded size (manifests that record it), a readable Arrow file of
+    sequences of ``seq_len``, of the recorded row count, and (``sha256``) of the recorded
+    checksum. Raises DataPrepError naming the first bad file. ``progress(bytes)`` is called
+    as a checksum advances."""
+    for split in manifest.raw["splits"]:
+        for shard in manifest.split(split)["shards"]:
+            path = os.path.join(manifest.data_dir, shard["file"])
+            where = f"{path} (in {os.path.join(manifest.data_dir, MANIFEST)})"
+            if not os.path.isfile(path):
+                raise DataPrepError(f"{where}: missing")
+            size = os.path.getsize(path)
+            if "bytes" in shard and size != shard["bytes"]:
+                raise DataPrepError(
+                    f"{where}: {size:,} bytes, the manifest says {shard['bytes']:,} "
+                    "(truncated or replaced)"
+                )
+            try:
+                rows = len(open_shard(path, manifest.seq_len))
+            except (OSError, ValueError) as e:  # pyarrow's errors are both
+                raise DataPrepError(f"{where}: not a shard of this data ({e})") from None
+            if rows != shard["rows"]:
+                raise DataPrepError(f"{where}: {rows} rows, the manifest says {shard['rows']}")
+            if sha256 and _file_sha256(path, progress) != shard["sha256"]:
+                raise DataPrepError(f"{where}: sha256 differs from the manifest's (corrupted)")
+
+
+def _file_sha256(path: str, progress=None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return digest.hexdigest()
 
 
 def open_shard(path: str, seq_len: int) -> np.ndarray:

@@ -54,6 +54,7 @@ class ShardRecord:
     rows: int
     tokens: int  # non-padding tokens
     sha256: str
+    bytes: int  # the file's size
 
 
 class HashingSink(io.RawIOBase):
@@ -193,6 +194,7 @@ class ShardWriter:
                 rows=len(rows),
                 tokens=rows.size - self.padding,
                 sha256=sink.sha.hexdigest(),
+                bytes=sink.size,
             )
         )
         self.filled = self.padding = 0

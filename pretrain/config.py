@@ -21,7 +21,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 from data_prep.errors import DataPrepError
-from data_prep.manifest import Manifest, load_manifest
+from data_prep.manifest import Manifest, load_manifest, verify_shards
 from pretrain.distributed import launcher_world_size
 from pretrain.importance import STRATEGIES
 from pretrain.model import PRESETS, ModelConfig, num_kept_tokens
@@ -52,7 +52,9 @@ class RunConfig:
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 10  # validation micro-batches per data-parallel rank
     save_every: int = 500  # 0: only at the end (and on signals / --stop-at-step)
+    keep_checkpoints: int = 0  # keep the newest N complete checkpoints; 0: all
     log_every: int = 1
+    verify_data: bool = False  # also check every shard's sha256 against the manifest
 
     @property
     def full_seq_steps(self) -> int:
@@ -83,7 +85,11 @@ _HELP = {
     "eval_every": "full-sequence validation every N steps (0: only at the end)",
     "eval_batches": "validation micro-batches per data-parallel rank",
     "save_every": "checkpoint every N steps (0: only at the end)",
+    "keep_checkpoints": "keep the newest N checkpoints, deleting older ones once a newer one "
+    "is complete (0: keep all)",
     "log_every": "metrics.jsonl line every N steps",
+    "verify_data": "also check each shard's sha256 against the manifest before training "
+    "(every rank reads the data once; sizes and row counts are always checked)",
 }
 
 
@@ -104,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["default"] = f.default
         if f.name == "token_drop":
             kwargs["choices"] = tuple(STRATEGIES)
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, dest=f.name, action="store_true", **kwargs)
+            continue
         p.add_argument(flag, dest=f.name, type=kind, **kwargs)
     # set by the deepspeed launcher; the rank comes from the environment
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -150,7 +159,7 @@ def resolve(run: RunConfig) -> ResolvedRun:
             raise ConfigError(
                 f"--{name.replace('_', '-')} {getattr(run, name)}: must be at least 1"
             )
-    for name in ("eval_every", "save_every"):
+    for name in ("eval_every", "save_every", "keep_checkpoints"):
         if getattr(run, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0")
     if run.stop_at_step is not None and not 0 < run.stop_at_step <= run.train_steps:
@@ -172,6 +181,7 @@ def resolve(run: RunConfig) -> ResolvedRun:
 
     try:
         manifest = load_manifest(run.data)
+        _verify_data(manifest, run.verify_data)
     except DataPrepError as e:
         raise ConfigError(f"--data: {e}") from None
     model = _model_config(run, manifest)
@@ -189,6 +199,31 @@ def resolve(run: RunConfig) -> ResolvedRun:
     if not drops and run.keep_ratio != 0.5 and run.keep_ratio != 1:
         raise ConfigError("--keep-ratio has no effect with --token-drop none; leave it out")
     return ResolvedRun(run, model, manifest, load_deepspeed_config(run), kept)
+
+
+def _verify_data(manifest: Manifest, sha256: bool) -> None:
+    """Every shard against the manifest (:func:`data_prep.manifest.verify_shards`), with a
+    progress bar on the first rank while checksums are computed."""
+    from tqdm import tqdm
+
+    from pretrain.distributed import launcher_rank
+
+    total = sum(s.get("bytes", 0) for sp in manifest.raw["splits"].values() for s in sp["shards"])
+    bar = None
+    if sha256 and launcher_rank() == 0:
+        bar = tqdm(
+            total=total or None,
+            desc="verify data",
+            unit="B",
+            unit_scale=True,
+            leave=False,
+            disable=None,  # a terminal only: the log of a batch job stays clean
+        )
+    try:
+        verify_shards(manifest, sha256=sha256, progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _model_config(run: RunConfig, manifest: Manifest) -> ModelConfig:

@@ -697,7 +697,6 @@ def test_same_seed_same_results(tmp_path, tiny_model, capsys):
     assert first[1] != other[1]
 
 
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> str:
     """A model this project pretrained: data_prep on the built-in corpus (vocabulary 2000,
@@ -753,6 +752,7 @@ def test_a_pretrained_model_beats_the_majority_class_and_repeats_itself(
     assert majority == 0.25
     assert accuracy >= majority + 0.1, entry["metrics"]
     assert results[1]["topic"]["metrics"] == entry["metrics"]  # exactly, to the last bit
+
 
 # -- the built-in tasks ---------------------------------------------------------------------
 

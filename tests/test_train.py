@@ -199,6 +199,45 @@ def test_bad_configuration_fails_before_heavy_work(data_dir, tmp_path):
     assert not (tmp_path / "r").exists(), "nothing was started"
 
 
+def test_bad_shards_are_one_line_errors_before_any_step(data_dir, tmp_path):
+    """A shard truncated, replaced or missing under a run: the run names the file in one
+    line before any step (never a pyarrow exception or a wrong batch); a flipped byte that
+    keeps the size is found by --verify-data's checksums."""
+    import shutil
+
+    def broken_copy(name: str, damage) -> str:
+        copy = tmp_path / name
+        shutil.copytree(data_dir, copy)
+        damage(copy / "train" / "shard-00000.arrow")
+        return str(copy)
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[:-100])
+
+    def flip_a_byte(path):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # inside the tokens: the file still parses
+        path.write_bytes(bytes(data))
+
+    def replace_by_another_shard(path):
+        shutil.copy(path.parent / "shard-00001.arrow", path)
+
+    cases = [
+        (broken_copy("truncated", truncate), [], "shard-00000.arrow", "truncated or replaced"),
+        (broken_copy("missing", os.remove), [], "shard-00000.arrow", "missing"),
+        (broken_copy("flipped", flip_a_byte), ["--verify-data"], "shard-00000.arrow", "sha256"),
+    ]
+    shards = sorted((tmp_path / "truncated" / "train").glob("*.arrow"))
+    if len(shards) > 1:
+        replaced = broken_copy("replaced", replace_by_another_shard)
+        cases.append((replaced, ["--verify-data"], "shard-00000.arrow", ""))
+    for data, extra, *fragments in cases:
+        out = tmp_path / f"run-{os.path.basename(data)}"
+        result = single([*train_args(data, out, "cpu_zero0.json", 10), *extra])
+        one_line_error(result, *fragments)
+        assert not out.exists(), "nothing was started"
+
+
 @pytest.mark.slow
 def test_resume_onto_other_data_or_model_is_refused(data_dir, tmp_path):
     run = tmp_path / "run"
@@ -272,3 +311,75 @@ def test_resume_drops_later_steps_and_a_line_cut_by_a_kill(tmp_path):
         *records[:2],
         {"step": 3, "loss": 0.5},
     ]
+
+
+def test_rng_states_round_trip_without_unpickling(tmp_path):
+    """A rank's RNG file holds tensors and plain values: torch.load(weights_only=True) reads
+    it, and the Python, NumPy and torch streams go on exactly where they were saved."""
+    import random
+
+    import numpy as np
+
+    from pretrain import checkpoint
+    from pretrain.config import ConfigError
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    random.gauss(0, 1), np.random.standard_normal()  # cached Gaussians are state too
+    path = tmp_path / "rank00000.pt"
+    torch.save(checkpoint.rng_state(), path)
+    expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(3), torch.rand(3))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    checkpoint.set_rng_state(checkpoint.load_rng_file(str(path)))
+    again = (random.random(), random.gauss(0, 1), np.random.standard_normal(3), torch.rand(3))
+    assert expected[:2] == again[:2]
+    assert np.array_equal(expected[2], again[2]) and torch.equal(expected[3], again[3])
+    # a file that needs unpickling (the format before) is refused in one line
+    torch.save({"numpy": np.random.get_state()}, tmp_path / "old.pt")
+    with pytest.raises(ConfigError, match="not an RNG state of this version"):
+        checkpoint.load_rng_file(str(tmp_path / "old.pt"))
+
+
+@pytest.mark.slow
+def test_checkpoints_prove_themselves_and_only_the_newest_are_kept(data_dir, tmp_path):
+    """files.json records every file; --keep-checkpoints 2 keeps two; --resume auto falls
+    back from a corrupt latest to the newest checkpoint that verifies, and says so;
+    --resume PATH to a corrupt one is a one-line error naming the file."""
+    import hashlib
+
+    out = tmp_path / "run"
+    args = ("cpu_zero0.json", 15, "--save-every", 5, "--keep-checkpoints", 2)
+    deepspeed(train_args(data_dir, out, *args))
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("global_step*")) == [
+        "global_step000010",
+        "global_step000015",
+    ]
+    latest = checkpoints / "global_step000015"
+    files = json.loads((latest / "files.json").read_text())["files"]
+    on_disk = sorted(str(p.relative_to(latest)) for p in latest.rglob("*") if p.is_file())
+    assert sorted(files) == [n for n in on_disk if n != "files.json"]
+    for name, record in files.items():
+        data = (latest / name).read_bytes()
+        assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    model_states = latest / "mp_rank_00_model_states.pt"
+    data = bytearray(model_states.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit, the size unchanged
+    model_states.write_bytes(bytes(data))
+    result = deepspeed(
+        train_args(data_dir, out, "cpu_zero0.json", 20, *args[2:], "--resume", "auto")
+    )
+    said = [line for line in result.stderr.splitlines() if "is corrupt" in line]
+    assert len(said) == 1, result.stderr[-3000:]
+    assert "global_step000015 is corrupt: mp_rank_00_model_states.pt differs" in said[0]
+    assert "resuming from global_step000010" in said[0]
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 21))
+    assert sorted(p.name for p in checkpoints.glob("global_step*")) == [
+        "global_step000015",
+        "global_step000020",
+    ]
+
+    rng = checkpoints / "global_step000020" / "rng" / "rank00001.pt"
+    rng.write_bytes(rng.read_bytes()[:-10])
+    failed = single(train_args(data_dir, out, "cpu_zero0.json", 25, "--resume", rng.parent.parent))
+    one_line_error(failed, "global_step000020 is corrupt", "rng/rank00001.pt has")

@@ -152,11 +152,12 @@ def verify_shards(manifest: Manifest, sha256: bool = False, progress=None) -> No
                 raise DataPrepError(f"{where}: not a shard of this data ({e})") from None
             if rows != shard["rows"]:
                 raise DataPrepError(f"{where}: {rows} rows, the manifest says {shard['rows']}")
-            if sha256 and _file_sha256(path, progress) != shard["sha256"]:
+            if sha256 and file_sha256(path, progress) != shard["sha256"]:
                 raise DataPrepError(f"{where}: sha256 differs from the manifest's (corrupted)")
 
 
-def _file_sha256(path: str, progress=None) -> str:
+def file_sha256(path: str, progress=None) -> str:
+    """The sha256 of a file, read in 4 MiB chunks; ``progress(bytes)`` after each."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):

@@ -25,7 +25,6 @@ naming the file. A checkpoint written before ``files.json`` existed loads unveri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -40,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.atomic import write_atomic
+from data_prep.manifest import file_sha256
 from pretrain.config import ConfigError
 from pretrain.distributed import launcher_world_size
 
@@ -139,11 +139,7 @@ def complete_checkpoints(directory: str, marker: str = FILES) -> list[tuple[int,
 
 
 def _digest(path: str) -> dict:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            sha.update(chunk)
-    return {"bytes": os.path.getsize(path), "sha256": sha.hexdigest()}
+    return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
 def _files_of(ref: CheckpointRef) -> list[str]:

@@ -55,6 +55,8 @@ class RunConfig:
     keep_checkpoints: int = 0  # keep the newest N complete checkpoints; 0: all
     log_every: int = 1
     verify_data: bool = False  # also check every shard's sha256 against the manifest
+    max_bad_steps: int = 3  # stop after N consecutive steps with a non-finite loss/grad norm
+    collective_timeout: int = 1800  # seconds a collective waits for a peer before failing
 
     @property
     def full_seq_steps(self) -> int:
@@ -90,6 +92,10 @@ _HELP = {
     "log_every": "metrics.jsonl line every N steps",
     "verify_data": "also check each shard's sha256 against the manifest before training "
     "(every rank reads the data once; sizes and row counts are always checked)",
+    "max_bad_steps": "stop with an error after N consecutive steps whose loss or gradient "
+    "norm is not finite (steps that fp16 loss scaling skips do not count)",
+    "collective_timeout": "seconds a collective waits for the other ranks before the job "
+    "fails (a rank lost without closing its connections)",
 }
 
 
@@ -154,7 +160,7 @@ def resolve(run: RunConfig) -> ResolvedRun:
     """Check everything that can be checked without starting DeepSpeed; raise ConfigError."""
     if not 0 < run.keep_ratio <= 1:
         raise ConfigError(f"--keep-ratio {run.keep_ratio}: must be in (0, 1]")
-    for name in ("train_steps", "log_every", "eval_batches"):
+    for name in ("train_steps", "log_every", "eval_batches", "max_bad_steps", "collective_timeout"):
         if getattr(run, name) < 1:
             raise ConfigError(
                 f"--{name.replace('_', '-')} {getattr(run, name)}: must be at least 1"

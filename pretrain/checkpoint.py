@@ -31,6 +31,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ def find_checkpoint(
     if resume == "auto":
         return _newest_verified(own, say or (lambda text: None))
     for directory in (os.path.join(resume, "checkpoints"), resume):
-        ref = _latest(directory)
+        ref = find_latest(directory)
         if ref is not None:
             verify(ref)
             return ref
@@ -107,7 +108,7 @@ def find_checkpoint(
 
 def _newest_verified(directory: str, say: Callable[[str], None]) -> CheckpointRef | None:
     """``latest``, or when it fails verification the newest checkpoint that verifies."""
-    latest = _latest(directory)
+    latest = find_latest(directory)
     if latest is None:
         return None
     candidates = [latest] + [
@@ -199,7 +200,8 @@ def _prune(directory: str, step: int, keep: int) -> None:
         shutil.rmtree(ref.path, ignore_errors=True)
 
 
-def _latest(directory: str) -> CheckpointRef | None:
+def find_latest(directory: str) -> CheckpointRef | None:
+    """The checkpoint ``latest`` names in a checkpoints directory (unverified), or None."""
     path = os.path.join(directory, LATEST)
     if not os.path.isfile(path):
         return None
@@ -208,10 +210,23 @@ def _latest(directory: str) -> CheckpointRef | None:
     return CheckpointRef(os.path.abspath(directory), tag)
 
 
+# the data order of checkpoints that do not record one: a materialised permutation per epoch
+MATERIALISED_ORDER = "pcg64-permutation"
+
+
 def check_compatible(state: dict, resolved: dict, where: str) -> None:
-    """Refuse to resume onto other data, vocabulary, sequence length or model."""
+    """Refuse to resume onto other data, vocabulary, sequence length, model or data order."""
+    from pretrain.data import SampleOrder
+
     old, new = state["config"], resolved
     problems = []
+    order = state.get("data_order", MATERIALISED_ORDER)
+    if order != SampleOrder.ALGORITHM:
+        problems.append(
+            f"its data order is {order}, this version's is {SampleOrder.ALGORITHM} (the run "
+            "would see other batches; finish it with the version that started it, or start "
+            "a new run)"
+        )
     if old["data"]["manifest_sha256"] != new["data"]["manifest_sha256"]:
         problems.append(f"other data (manifest of {old['data']['dir']} vs {new['data']['dir']})")
     for key in ("vocab_size", "seq_len"):
@@ -297,27 +312,128 @@ def load_rng_file(path: str) -> dict:
         ) from None
 
 
+class CheckpointWriteError(Exception):
+    """A checkpoint cannot be written here (no space, read-only, no permission). Raised on
+    every rank together, before anything of the checkpoint is written."""
+
+
+def _size_of_newest(directory: str) -> int | None:
+    """Bytes of the newest complete checkpoint, from its ``files.json``; None if none."""
+    for _, ref in reversed(complete_checkpoints(directory)):
+        try:
+            with open(os.path.join(ref.path, FILES)) as f:
+                return sum(d["bytes"] for d in json.load(f)["files"].values())
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue
+    return None
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _preflight(ref: CheckpointRef, estimate: int) -> None:
+    """Every rank: can this checkpoint be written? Each rank creates the tag directory,
+    writes and removes a probe file and compares the free space with the checkpoint's
+    size (the previous checkpoint's, else ``estimate``); the answers are gathered, so
+    every rank raises :class:`CheckpointWriteError` together, naming where and how much,
+    with nothing of the checkpoint left behind. A disk that fills during the write itself
+    is :func:`_write_failed`'s case."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    existed = os.path.isdir(ref.path)
+    dist.barrier()  # before any rank creates it
+    previous = _size_of_newest(ref.directory)
+    if previous:
+        needed, basis = previous, "the size of the previous one"
+    else:
+        needed, basis = estimate, "estimated from the model and optimizer"
+    problem = None
+    try:
+        os.makedirs(os.path.join(ref.path, "rng"), exist_ok=True)
+        probe = os.path.join(ref.path, "rng", f".probe{rank:05d}")
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+        os.remove(probe)
+        free = shutil.disk_usage(ref.directory).free
+        if free < needed:
+            problem = (
+                f"{ref.directory} has {_megabytes(free)} free, the checkpoint needs about "
+                f"{_megabytes(needed)} ({basis})"
+            )
+    except OSError as e:
+        problem = f"cannot write in {e.filename or ref.path}: {e.strerror}"
+    problems: list[str | None] = [None] * world
+    dist.all_gather_object(problems, problem)
+    failed = [(r, p) for r, p in enumerate(problems) if p]
+    if not failed:
+        return
+    dist.barrier()  # every rank is done with the directory before it goes
+    if rank == 0 and not existed:
+        shutil.rmtree(ref.path, ignore_errors=True)
+    latest = find_latest(ref.directory)
+    where, first = failed[0]
+    seen = f" (seen by rank {where})" if world > 1 else ""
+    raise CheckpointWriteError(
+        f"{ref.tag} not written: {first}{seen}; latest still names "
+        f"{latest.tag if latest else 'no checkpoint'}"
+    )
+
+
+def _write_failed(ref: CheckpointRef, error: OSError, estimate: int) -> None:
+    """A write failed after the preflight passed (the disk filled meanwhile). The other
+    ranks may be inside DeepSpeed's save, waiting in a barrier this rank will never reach,
+    so no agreement is possible: say what happened in one line and end this process; the
+    others then fail in their next collective (see :mod:`pretrain.distributed`) and the
+    job ends. ``latest`` was not touched."""
+    try:
+        free = _megabytes(shutil.disk_usage(ref.directory).free)
+    except OSError:
+        free = "unknown"
+    latest = find_latest(ref.directory)
+    print(
+        f"run.py: error: rank {dist.get_rank()} could not write checkpoint {ref.tag}: "
+        f"{error.strerror} ({error.filename or ref.path}; {free} free, the checkpoint needs "
+        f"about {_megabytes(estimate)}); latest still names "
+        f"{latest.tag if latest else 'no checkpoint'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(4)
+
+
 def save(
-    engine, run_dir: str, step: int, client_state: dict, run_state: dict, keep: int = 0
+    engine,
+    run_dir: str,
+    step: int,
+    client_state: dict,
+    run_state: dict,
+    keep: int = 0,
+    estimate: int = 0,
 ) -> CheckpointRef:
-    """Every rank calls this. Writes the DeepSpeed shards, our files, ``files.json``, then
-    ``latest``; then deletes all but the newest ``keep`` checkpoints (0: keeps all)."""
+    """Every rank calls this. Checks that the checkpoint can be written (raises
+    :class:`CheckpointWriteError` on every rank if not; ``estimate``: its bytes when there
+    is no previous checkpoint to go by), writes the DeepSpeed shards, our files,
+    ``files.json``, then ``latest``; then deletes all but the newest ``keep`` checkpoints
+    (0: keeps all)."""
     directory = os.path.join(run_dir, "checkpoints")
     ref = CheckpointRef(directory, tag_of(step))
     rank = dist.get_rank()
-    os.makedirs(os.path.join(ref.path, "rng"), exist_ok=True)
-    torch.save(rng_state(), os.path.join(ref.path, "rng", f"rank{rank:05d}.pt"))
-    engine.save_checkpoint(directory, tag=ref.tag, client_state=client_state, save_latest=False)
-    if rank == 0:
-        write_atomic(
-            os.path.join(ref.path, "run_state.json"), json.dumps(run_state, indent=2).encode()
-        )
-    dist.barrier()  # every rank's shards are on disk before they are hashed
-    _record_files(ref)
-    if rank == 0:
-        write_atomic(os.path.join(directory, LATEST), ref.tag.encode())
-        if keep:
-            _prune(directory, step, keep)
+    _preflight(ref, estimate)
+    try:
+        torch.save(rng_state(), os.path.join(ref.path, "rng", f"rank{rank:05d}.pt"))
+        engine.save_checkpoint(directory, tag=ref.tag, client_state=client_state, save_latest=False)
+        if rank == 0:
+            write_atomic(
+                os.path.join(ref.path, "run_state.json"), json.dumps(run_state, indent=2).encode()
+            )
+        dist.barrier()  # every rank's shards are on disk before they are hashed
+        _record_files(ref)
+        if rank == 0:
+            write_atomic(os.path.join(directory, LATEST), ref.tag.encode())
+    except OSError as e:
+        _write_failed(ref, e, _size_of_newest(directory) or estimate)
+    if rank == 0 and keep:
+        _prune(directory, step, keep)
     dist.barrier()
     return ref
 

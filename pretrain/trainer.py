@@ -21,6 +21,7 @@ same step and exit 0.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -33,7 +34,7 @@ import torch
 
 from pretrain import checkpoint, distributed
 from pretrain.config import ResolvedRun
-from pretrain.data import Batch, PretrainLoader, TokenShards, validation_batches
+from pretrain.data import Batch, PretrainLoader, SampleOrder, TokenShards, validation_batches
 from pretrain.importance import STRATEGIES, ImportanceTable
 from pretrain.masking import IGNORE_INDEX, DynamicMasker
 from pretrain.metrics import MetricsLogger
@@ -82,6 +83,24 @@ class StepResult:
     table_sync_s: float
     stop_requested: bool
     skipped: bool = False  # the optimizer skipped the update (fp16 overflow); table untouched
+    finite: bool = True  # loss and gradient norm finite on every rank (or the step skipped)
+
+
+DIVERGED = 3  # exit code: the loss or the weights stopped being finite
+CHECKPOINT_NOT_WRITTEN = 4  # exit code: no space or no permission for a checkpoint
+
+
+class RunFailed(Exception):
+    """The run cannot go on; raised on every rank together (each decision rests on
+    all-reduced values), printed once by rank 0, and every rank exits with ``code``."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class NonFiniteState(RunFailed):
+    """The weights or the table are not finite: no checkpoint may hold them."""
 
 
 class StepRunner(Protocol):
@@ -235,7 +254,19 @@ class Trainer:
             # another world size: the data and table resume exactly, dropout does not
             torch.manual_seed(seed_of(self.cfg.seed, self.rank, self.step))
 
-    def save(self) -> checkpoint.CheckpointRef:
+    def save(self, after_bad_step: bool = False) -> checkpoint.CheckpointRef:
+        """Every rank: write a checkpoint of this step. Raises :class:`NonFiniteState`
+        (nothing written) after a step whose loss or gradient norm was not finite (its
+        weights may be finite yet ruined, or the update skipped) and when the weights or
+        the table are not finite; raises :class:`RunFailed` when the checkpoint cannot be
+        written (no space, read-only)."""
+        if after_bad_step or not self._state_finite():
+            what = "loss or gradient norm" if after_bad_step else "weights or importance table"
+            raise NonFiniteState(
+                f"step {self.step}: not checkpointing, the {what} is not finite "
+                f"({self._latest_text()})",
+                DIVERGED,
+            )
         # the table spans the data-parallel group; with pipeline stages, all ranks: the world
         self.table.verify_synchronized()
         config = self.resolved.to_dict()
@@ -248,18 +279,49 @@ class Trainer:
         }
         run_state = {
             "step": self.step,
+            "data_order": SampleOrder.ALGORITHM,
             **self.loader.state_dict(),
             "world_size": distributed.world_size(),
             "config": config,
         }
-        return checkpoint.save(
-            self.engine,
-            self.cfg.output,
-            self.step,
-            client_state,
-            run_state,
-            keep=self.cfg.keep_checkpoints,
-        )
+        try:
+            return checkpoint.save(
+                self.engine,
+                self.cfg.output,
+                self.step,
+                client_state,
+                run_state,
+                keep=self.cfg.keep_checkpoints,
+                estimate=self._checkpoint_bytes(),
+            )
+        except checkpoint.CheckpointWriteError as e:
+            raise RunFailed(str(e), CHECKPOINT_NOT_WRITTEN) from None
+
+    def _state_finite(self) -> bool:
+        """Whether the table and every rank's weights (its ZeRO-3 partition, its pipeline
+        stage) are finite: one pass over the parameters and one small collective."""
+        finite = bool(torch.isfinite(self.table.table).all())
+        for p in self.engine.module.parameters():
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else p.data  # ZeRO-3: a partition
+            finite = finite and bool(torch.isfinite(local).all())
+        (bad,) = distributed.all_reduce_sum([float(not finite)])
+        return not bad
+
+    def _checkpoint_bytes(self) -> int:
+        """About how many bytes a checkpoint takes: per parameter, its weight plus fp32
+        master copy and Adam's two moments (what a first checkpoint is checked against;
+        later ones go by the size of the one before)."""
+        if not hasattr(self, "_estimate"):
+            params = list(self.engine.module.parameters())
+            numel = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3: full size
+            (total,) = distributed.all_reduce_sum([float(numel)])  # stages and replicas
+            weight_bytes = params[0].element_size() if params else 4
+            self._estimate = int(total / self.runner.dp_size) * (weight_bytes + 12)
+        return self._estimate
+
+    def _latest_text(self) -> str:
+        ref = checkpoint.find_latest(os.path.join(self.cfg.output, "checkpoints"))
+        return f"latest still names {ref.tag}" if ref else "no checkpoint was written"
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -288,30 +350,49 @@ class Trainer:
             log.message(layout)
         saved_at = self.step if self.step else None
         stopped_by_signal = False
-        while self.step < end:
-            record, stop = self.train_one_step(full_seq_from)
-            if self.step % cfg.log_every == 0 or self.step == end:
-                log.log(record)
-            log.progress(self.step, record)
-
-            if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.train_steps:
-                val = self.evaluate()
-                if val is not None:
-                    log.log({"step": self.step, **val})
-                    log.message(
-                        f"step {self.step}: val_loss {val['val_loss']:.4f} "
-                        f"val_acc {val['val_acc']:.4f}"
+        bad_steps = 0  # consecutive steps with a non-finite loss or gradient norm
+        try:
+            while self.step < end:
+                record, stop = self.train_one_step(full_seq_from)
+                if self.step % cfg.log_every == 0 or self.step == end or "non_finite" in record:
+                    log.log(record)
+                log.progress(self.step, record)
+                bad_steps = bad_steps + 1 if "non_finite" in record else 0
+                if bad_steps >= cfg.max_bad_steps:
+                    raise RunFailed(
+                        f"step {self.step}: loss {record['loss']}, gradient norm "
+                        f"{record.get('grad_norm')}: {bad_steps} consecutive steps not finite "
+                        f"(--max-bad-steps {cfg.max_bad_steps}); the run diverged, nothing was "
+                        f"checkpointed after the last good step ({self._latest_text()})",
+                        DIVERGED,
                     )
-            if stop:
-                stopped_by_signal = True
-                log.message(f"step {self.step}: stop requested by a signal; checkpointing")
-                break
-            if cfg.save_every and self.step % cfg.save_every == 0:
-                self.save()
-                saved_at = self.step
-        if saved_at != self.step:
-            ref = self.save()
-            log.message(f"checkpoint {ref.path}")
+
+                due = cfg.eval_every and self.step % cfg.eval_every == 0
+                if (due or self.step == cfg.train_steps) and not bad_steps:
+                    val = self.evaluate()
+                    if val is not None:
+                        log.log({"step": self.step, **val})
+                        log.message(
+                            f"step {self.step}: val_loss {val['val_loss']:.4f} "
+                            f"val_acc {val['val_acc']:.4f}"
+                        )
+                if stop:
+                    stopped_by_signal = True
+                    log.message(f"step {self.step}: stop requested by a signal; checkpointing")
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    try:
+                        self.save(after_bad_step=bad_steps > 0)
+                        saved_at = self.step
+                    except NonFiniteState as e:  # the next steps decide whether it diverged
+                        log.message(f"run.py: {e}")
+            if saved_at != self.step:
+                ref = self.save(after_bad_step=bad_steps > 0)
+                log.message(f"checkpoint {ref.path}")
+        except RunFailed as e:
+            log.message(f"run.py: error: {e}")
+            log.close()
+            return e.code
         log.close()
         if self.rank == 0:
             why = (
@@ -347,6 +428,8 @@ class Trainer:
             record["grad_norm"] = result.grad_norm
         if result.skipped:
             record["skipped"] = True
+        if not result.finite:
+            record["non_finite"] = True
         return record, result.stop_requested
 
     def run_step(self, full_seq_from: int | None = None) -> StepResult:
@@ -365,15 +448,18 @@ class Trainer:
             self.table.synchronize_and_apply()  # over the world, as save() verifies
         table_sync_s = time.perf_counter() - started
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
         self.step += 1
         sums = self.sums
-        loss_sum, predictions, correct, kept_masked, stop = distributed.all_reduce_sum(
+        bad_norm = grad_norm is not None and not math.isfinite(grad_norm)
+        loss_sum, predictions, correct, kept_masked, stop, bad_norms = distributed.all_reduce_sum(
             [
                 sums.loss_sum,
                 sums.predictions,
                 sums.correct,
                 sums.kept_masked,
                 float(self.stop_requested),
+                float(bad_norm),
             ]
         )
         return StepResult(
@@ -382,10 +468,12 @@ class Trainer:
             mlm_acc=correct / max(predictions, 1),
             kept_masked_fraction=kept_masked / max(predictions, 1),
             lr=lr,
-            grad_norm=None if grad_norm is None else float(grad_norm),
+            grad_norm=grad_norm,
             table_sync_s=table_sync_s,
             stop_requested=bool(stop),
             skipped=skipped,
+            # a NaN anywhere makes the summed loss NaN on every rank
+            finite=skipped or (math.isfinite(loss_sum) and not bad_norms),
         )
 
     def _step_skipped(self) -> bool:

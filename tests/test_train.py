@@ -264,6 +264,17 @@ def test_resume_onto_other_data_or_model_is_refused(data_dir, tmp_path):
     one_line_error(
         single(train_args(data_dir, run, "cpu_zero0.json", 8)), "already holds checkpoints"
     )
+    # a checkpoint of the version before files.json and the per-index data order
+    checkpoint = run / "checkpoints" / "global_step000004"
+    (checkpoint / "files.json").unlink()
+    state = json.loads((checkpoint / "run_state.json").read_text())
+    del state["data_order"]
+    (checkpoint / "run_state.json").write_text(json.dumps(state))
+    one_line_error(
+        single(train_args(data_dir, run, "cpu_zero0.json", 8, "--resume", "auto")),
+        "cannot resume",
+        "its data order is pcg64-permutation, this version's is feistel",
+    )
 
 
 @pytest.mark.slow

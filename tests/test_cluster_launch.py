@@ -9,9 +9,12 @@ results depend on the thread count, and torchrun sets 1 where the others would n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -190,35 +193,39 @@ def test_mpirun_trains_and_resumes_with_the_same_losses(
     assert history(run_dir) == reference
 
 
+def node_env(node_rank: int, port: str) -> dict[str, str]:
+    """The environment srun gives the script's per-node path on node ``node_rank`` of two
+    (one rank each), all on this host."""
+    return {
+        **os.environ,
+        **RUN_ENV,
+        "PRETRAIN_NODE_LAUNCH": "1",
+        "PRETRAIN_REPO": REPO,
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": str(node_rank),
+        "PROCS_PER_NODE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+    }
+
+
 @pytest.mark.slow
 def test_two_node_launchers_train_as_one_job(data: str, reference: tuple, tmp_path: Path) -> None:
     """The script's per-node path (what srun starts on each node) as node ranks 0 and 1 on
     this host, one rank each."""
     run_dir = tmp_path / "run"
     port = str(free_port())
-    nodes = []
-    for node_rank in (0, 1):
-        env = {
-            **os.environ,
-            **RUN_ENV,
-            "PRETRAIN_NODE_LAUNCH": "1",
-            "PRETRAIN_REPO": REPO,
-            "SLURM_NNODES": "2",
-            "SLURM_NODEID": str(node_rank),
-            "PROCS_PER_NODE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
-        nodes.append(
-            subprocess.Popen(
-                ["bash", PRETRAIN_SBATCH, *run_args(data, run_dir)],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+    nodes = [
+        subprocess.Popen(
+            ["bash", PRETRAIN_SBATCH, *run_args(data, run_dir)],
+            cwd=tmp_path,
+            env=node_env(node_rank, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        for node_rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=600) for node in nodes]
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, out[-2000:] + err[-3000:]
@@ -226,6 +233,219 @@ def test_two_node_launchers_train_as_one_job(data: str, reference: tuple, tmp_pa
     assert "node rank 1 of 2" in outputs[1][1]
     assert "data parallel 2" in outputs[0][1], outputs[0][1][-3000:]
     assert history(run_dir) == reference
+
+
+# -- a rank lost mid-run: the job ends, in bounded time ------------------------------------
+
+# Generous upper limits for a loaded 2-core machine: measured there, a killed rank ended
+# both node launchers within 4 s and mpirun within 2 s; a stopped one, the timeout + 4 s.
+LOST_BOUND = 60
+LOST_LINE = re.compile(
+    r"^run\.py: error: rank (\d+) lost contact with another rank \((.+)\); "
+    r"exiting so the job can be requeued$",
+    re.MULTILINE,
+)
+
+
+def long_run_args(data: str, out: Path, *extra: object) -> list[str]:
+    """A job that cannot finish before the test interrupts it."""
+    return train_args(data, out, "cpu_zero2.json", 1000, "--eval-batches", 1, *extra)
+
+
+def job_pids(marker: str) -> list[int]:
+    """Live processes whose command line holds ``marker`` (this test's RUN_DIR): launchers,
+    ranks, and ranks orphaned by a launcher (torchrun starts each in its own session)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if marker.encode() in argv and not zombie:
+            found.append(int(entry.name))
+    return found
+
+
+def rank_pid(marker: str, rank: int) -> int:
+    """The pid of the pretrain/run.py process of ``rank`` in the job of ``marker``."""
+    for pid in job_pids(marker):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        is_rank = any(arg.endswith(b"pretrain/run.py") for arg in argv[1:3])  # not a launcher
+        if is_rank and env.get(b"OMPI_COMM_WORLD_RANK", env.get(b"RANK")) == str(rank).encode():
+            return pid
+    raise AssertionError(f"no rank {rank} among {job_pids(marker)}")
+
+
+def leftovers(marker: str, grace: float = 15) -> list[int]:
+    """The job's processes still alive ``grace`` seconds after its launchers exited (a
+    launcher's kill of its ranks may trail its own exit)."""
+    deadline = time.monotonic() + grace
+    while job_pids(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return job_pids(marker)
+
+
+def end_job(marker: str, procs: list[subprocess.Popen]) -> None:
+    """SIGKILL whatever of the job still runs (a stopped process too) and reap it."""
+    for pid in job_pids(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def wait_for_steps(run_dir: Path, steps: int, procs: list[subprocess.Popen], logs: list[Path]):
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and len(train_losses(run_dir)) >= steps):
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            tails = "\n".join(log.read_text()[-3000:] for log in logs)
+            pytest.fail(
+                f"the job never logged {steps} steps ({[p.poll() for p in procs]})\n{tails}"
+            )
+        time.sleep(0.1)
+
+
+def wait_exit(procs: list[subprocess.Popen], seconds: float) -> list[float | None]:
+    """Seconds until each of ``procs`` exited, None for those still running after
+    ``seconds``."""
+    started = time.monotonic()
+    ended: list[float | None] = [None] * len(procs)
+    while any(e is None for e in ended) and time.monotonic() - started < seconds:
+        for i, proc in enumerate(procs):
+            if ended[i] is None and proc.poll() is not None:
+                ended[i] = time.monotonic() - started
+        time.sleep(0.1)
+    return ended
+
+
+def start_node_launchers(data: str, run_dir: Path, tmp_path: Path, *extra: object):
+    """Node ranks 0 and 1 of a two-node job, as in the test above; output to files."""
+    port = str(free_port())
+    logs = [tmp_path / f"node{node_rank}.log" for node_rank in (0, 1)]
+    nodes = []
+    for node_rank, log in enumerate(logs):
+        with open(log, "w") as out:
+            nodes.append(
+                subprocess.Popen(
+                    ["bash", PRETRAIN_SBATCH, *long_run_args(data, run_dir, *extra)],
+                    cwd=tmp_path,
+                    env=node_env(node_rank, port),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    return nodes, logs
+
+
+def lost_lines(text: str, rank: int) -> list[str]:
+    return [m.group(0) for m in LOST_LINE.finditer(text) if m.group(1) == str(rank)]
+
+
+@pytest.mark.slow
+def test_two_node_launch_ends_when_the_rank_of_the_other_node_is_killed(
+    data: str, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    nodes, logs = start_node_launchers(data, run_dir, tmp_path)
+    try:
+        wait_for_steps(run_dir, 3, nodes, logs)
+        os.kill(rank_pid(str(run_dir), 1), signal.SIGKILL)
+        ended = wait_exit(nodes, LOST_BOUND)
+        texts = [log.read_text() for log in logs]
+        assert None not in ended, (
+            f"still running {LOST_BOUND} s after the kill: {ended}\n{texts[0][-3000:]}"
+        )
+        assert [node.returncode != 0 for node in nodes] == [True, True], texts[0][-3000:]
+        line = lost_lines(texts[0], 0)
+        assert len(line) == 1 and "Connection" in line[0], texts[0][-3000:]
+        # rank 0's own exit code (torchrun itself exits 1) and no traceback of the rank
+        assert re.search(r"exitcode\s*:\s*75\b", texts[0]), texts[0][-3000:]
+        assert "RuntimeError" not in texts[0], texts[0][-3000:]
+        assert not leftovers(str(run_dir)), "a process outlived the job"
+    finally:
+        end_job(str(run_dir), nodes)
+
+
+@pytest.mark.slow
+def test_two_node_launch_ends_after_the_collective_timeout_when_a_rank_stops_answering(
+    data: str, tmp_path: Path
+) -> None:
+    # SIGSTOP: the rank's sockets stay open, like a node lost without closing connections;
+    # only --collective-timeout ends node 0's wait
+    run_dir, timeout = tmp_path / "run", 15
+    nodes, logs = start_node_launchers(data, run_dir, tmp_path, "--collective-timeout", timeout)
+    try:
+        wait_for_steps(run_dir, 3, nodes, logs)
+        stopped = rank_pid(str(run_dir), 1)
+        os.kill(stopped, signal.SIGSTOP)
+        (ended,) = wait_exit(nodes[:1], timeout + LOST_BOUND)
+        text = logs[0].read_text()
+        assert ended is not None, f"node 0 still running {timeout + LOST_BOUND} s after the stop"
+        assert nodes[0].returncode != 0, text[-3000:]
+        line = lost_lines(text, 0)
+        assert len(line) == 1 and "Timed out" in line[0], text[-3000:]
+
+        # Continued, rank 1 finds rank 0 gone and ends too (under srun, --kill-on-bad-exit
+        # would have ended node 1 already).
+        os.kill(stopped, signal.SIGCONT)
+        (ended,) = wait_exit(nodes[1:], LOST_BOUND)
+        text = logs[1].read_text()
+        assert ended is not None and nodes[1].returncode != 0, text[-3000:]
+        assert len(lost_lines(text, 1)) == 1, text[-3000:]
+    finally:
+        end_job(str(run_dir), nodes)  # SIGKILL ends a stopped process too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", ["SIGKILL", "SIGSTOP"])
+def test_mpirun_ends_when_a_rank_is_lost(
+    mpirun_cmd: MpiLauncher, data: str, tmp_path: Path, lost: str
+) -> None:
+    run_dir, log, timeout = tmp_path / "run", tmp_path / "mpirun.log", 15
+    cmd = [
+        *mpirun_cmd(2),
+        sys.executable,
+        os.path.join(REPO, "pretrain", "run.py"),
+        *long_run_args(data, run_dir, "--collective-timeout", timeout),
+    ]
+    with open(log, "w") as out:
+        job = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            # a free port: DeepSpeed's MPI discovery would take 29500, as other jobs may
+            env={**mpirun_cmd.env, **RUN_ENV, "MASTER_PORT": str(free_port())},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_steps(run_dir, 3, [job], [log])
+        os.kill(rank_pid(str(run_dir), 1), getattr(signal, lost))
+        bound = LOST_BOUND if lost == "SIGKILL" else timeout + LOST_BOUND
+        (ended,) = wait_exit([job], bound)
+        text = log.read_text()
+        assert ended is not None, f"mpirun still running {bound} s after the {lost}"
+        assert job.returncode != 0, text[-3000:]
+        if lost == "SIGSTOP":
+            # rank 0 timed out first, so mpirun reports its code; a normal interpreter exit
+            # would hang here in mpi4py's MPI_Finalize, waiting for the stopped rank
+            assert job.returncode == 75, text[-3000:]
+            assert len(lost_lines(text, 0)) == 1 and "Timed out" in text, text[-3000:]
+        assert "RuntimeError" not in text, text[-3000:]
+        assert not leftovers(str(run_dir)), "a rank outlived mpirun"
+    finally:
+        end_job(str(run_dir), [job])
 
 
 def test_node_launch_without_gpus_or_procs_per_node_is_a_clear_error(tmp_path: Path) -> None:
@@ -410,3 +630,39 @@ def test_prepare_data_refuses_arguments_that_would_break_the_chain(tmp_path: Pat
     assert no_count.returncode == 2 and "TASKS must be a positive number" in no_count.stderr
     phase = submit("2", "--input", "c.txt", "--output", "d", "--unit-mb", "1", "--phase", "all")
     assert phase.returncode == 2 and "--phase is set by this script" in phase.stderr
+
+
+def test_lost_contact_tells_a_lost_peer_from_other_errors() -> None:
+    from pretrain.distributed import lost_contact
+
+    # gloo's messages in torch 2.13 for a killed peer, a stopped one, and one gone later
+    gloo = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/{}] {}"
+    reset = gloo.format(
+        "pair.cc:537",
+        "Read error [127.0.0.1]:43433: Connection reset by peer. This is typically caused "
+        "by a remote worker hanging or bugs in the application. Check the logs",
+    )
+    timed_out = gloo.format(
+        "unbound_buffer.cc:78", "Timed out waiting 15000ms for recv operation to complete"
+    )
+    closed = gloo.format("pair.cc:1", "Connection closed by peer [127.0.0.1]:40106")
+    assert (
+        lost_contact(RuntimeError(reset))
+        == "Read error [127.0.0.1]:43433: Connection reset by peer"
+    )
+    assert lost_contact(RuntimeError(timed_out)) == (
+        "Timed out waiting 15000ms for recv operation to complete"
+    )
+    try:  # raised from inside another error (an autograd hook, a wrapper)
+        try:
+            raise RuntimeError(closed)
+        except RuntimeError as inner:
+            raise ValueError("while reducing gradients") from inner
+    except ValueError as outer:
+        assert lost_contact(outer) == "Connection closed by peer [127.0.0.1]:40106"
+    for other in (
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+        ValueError("[not gloo] Connection reset by peer"),
+        OSError(28, "No space left on device"),
+    ):
+        assert lost_contact(other) is None, other

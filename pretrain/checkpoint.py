@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_prep.atomic import write_atomic
+from data_prep.atomic import TMP_MARK, write_atomic
 from data_prep.manifest import file_sha256
 from pretrain.config import ConfigError
 from pretrain.distributed import launcher_world_size
@@ -148,7 +148,9 @@ def _files_of(ref: CheckpointRef) -> list[str]:
     names = []
     for root, _, files in os.walk(ref.path):
         names += [os.path.relpath(os.path.join(root, f), ref.path) for f in files]
-    return sorted(n for n in names if n != FILES)
+    # a temporary file a kill left (write_atomic's, the preflight's probe) is not the
+    # checkpoint's
+    return sorted(n for n in names if n != FILES and TMP_MARK not in n)
 
 
 def verify(ref: CheckpointRef) -> None:
@@ -193,11 +195,15 @@ def _record_files(ref: CheckpointRef) -> None:
 
 def _prune(directory: str, step: int, keep: int) -> None:
     """Keep the checkpoint of ``step`` (complete: ``latest`` names it) and the newest
-    ``keep - 1`` complete ones before it; delete the older ones. Checkpoints after ``step``
-    (left by a run that fell back to an older one) are not touched."""
-    older = [ref for s, ref in complete_checkpoints(directory) if s < step]
-    for ref in older[: max(len(older) - (keep - 1), 0)]:
-        shutil.rmtree(ref.path, ignore_errors=True)
+    ``keep - 1`` complete ones before it; delete every other checkpoint before ``step``,
+    complete or not (a save or a deletion that a kill cut short). Checkpoints after
+    ``step`` (left by a run that fell back to an older one) are not touched."""
+    complete = [ref.tag for s, ref in complete_checkpoints(directory) if s < step]
+    kept = set(complete[len(complete) - min(keep - 1, len(complete)) :])
+    for name in os.listdir(directory):
+        match = _TAG.fullmatch(name)
+        if match and int(match[1]) < step and name not in kept:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def find_latest(directory: str) -> CheckpointRef | None:
@@ -350,7 +356,7 @@ def _preflight(ref: CheckpointRef, estimate: int) -> None:
     problem = None
     try:
         os.makedirs(os.path.join(ref.path, "rng"), exist_ok=True)
-        probe = os.path.join(ref.path, "rng", f".probe{rank:05d}")
+        probe = os.path.join(ref.path, "rng", f"probe{TMP_MARK}{rank:05d}")
         with open(probe, "wb") as f:
             f.write(b"\0" * 4096)
         os.remove(probe)

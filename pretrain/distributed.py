@@ -49,6 +49,8 @@ def init(timeout: datetime.timedelta | None = None) -> None:
         # a plain `python pretrain/run.py`: a world of one on a free local port
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.cuda.is_available():
+        _without_shm_all_reduce()
     # under mpirun DeepSpeed's discovery picks the port: MASTER_PORT, else 29500
     port = int(os.environ.get("MASTER_PORT", 29500))
     kwargs = {} if timeout is None else {"timeout": timeout}
@@ -117,8 +119,29 @@ def lost_contact(error: BaseException) -> str | None:
     return None
 
 
+def _without_shm_all_reduce() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
+
+    On CPU, DeepSpeed's communication backend JIT-compiles an op (about 90 s on a fresh
+    machine) and, when all ranks share a host, gives each rank a 64 MiB workspace in
+    /dev/shm. It serves only ``inference_all_reduce``, which training never calls (ZeRO,
+    the pipeline and our own collectives go through gloo). A rank killed between the
+    workspace's creation and the unlinking below left it in /dev/shm for good (found by
+    the SIGKILL test), and the op's set-up waits for every rank without a timeout. Its
+    builder is DeepSpeed's list of compatible ops; marked incompatible, the op is never
+    built, and ``inference_all_reduce`` falls back to torch.distributed.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def _unlink_shm_workspace() -> None:
-    """Remove the name of DeepSpeed's CPU all-reduce workspace from /dev/shm.
+    """Remove the name of DeepSpeed's CPU all-reduce workspace from /dev/shm, should a
+    DeepSpeed version build it despite :func:`_without_shm_all_reduce`.
 
     On CPU, when all ranks share one machine, DeepSpeed's shm comm op gives every rank a
     64 MiB workspace named ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` in

@@ -14,6 +14,8 @@ import sys
 
 from tqdm import tqdm
 
+from data_prep.atomic import write_atomic
+
 
 class MetricsLogger:
     """Writes metrics on rank 0; a no-op elsewhere."""
@@ -80,6 +82,5 @@ def _truncate_after(path: str, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    if kept != lines:
-        with open(path, "w") as f:
-            f.writelines(kept)
+    if kept != lines:  # atomically: a kill now must not cut the history short
+        write_atomic(path, "".join(kept).encode())

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from datetime import timedelta
 
+    from data_prep.atomic import write_atomic
     from pretrain import distributed
     from pretrain.trainer import Trainer
 
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(resolved)
         if distributed.rank() == 0:
             os.makedirs(run.output, exist_ok=True)
-            with open(os.path.join(run.output, "config.json"), "w") as f:
-                json.dump(resolved.to_dict(), f, indent=2)
+            text = json.dumps(resolved.to_dict(), indent=2)
+            write_atomic(os.path.join(run.output, "config.json"), text.encode())
         trainer.resume(ref)
         if ref is not None and distributed.rank() == 0:
             print(f"run.py: resumed from {ref.path} at step {trainer.step}", file=sys.stderr)

@@ -394,3 +394,32 @@ def test_checkpoints_prove_themselves_and_only_the_newest_are_kept(data_dir, tmp
     rng.write_bytes(rng.read_bytes()[:-10])
     failed = single(train_args(data_dir, out, "cpu_zero0.json", 25, "--resume", rng.parent.parent))
     one_line_error(failed, "global_step000020 is corrupt", "rng/rank00001.pt has")
+
+
+def test_pruning_also_removes_what_a_kill_left_half_written_or_half_deleted(tmp_path):
+    """_prune keeps the newest complete checkpoints; an incomplete one before them (a save
+    or an rmtree cut short: no files.json) goes too, and the files a kill leaves under
+    temporary names are never recorded as part of a checkpoint."""
+    from pretrain.checkpoint import CheckpointRef, _files_of, _prune
+
+    def make(step, complete=True):
+        tag = tmp_path / f"global_step{step:06d}"
+        (tag / "rng").mkdir(parents=True)
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        if complete:
+            (tag / "files.json").write_text("{}")
+        return tag
+
+    make(3, complete=False)  # an rmtree cut short after files.json went
+    make(6)
+    make(9)
+    latest = make(12)
+    make(15, complete=False)  # after the step being kept: not ours to touch
+    (latest / f"run_state.json{'.tmp-'}123").write_text("cut")
+    _prune(str(tmp_path), 12, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "global_step000009",
+        "global_step000012",
+        "global_step000015",
+    ]
+    assert _files_of(CheckpointRef(str(tmp_path), latest.name)) == ["mp_rank_00_model_states.pt"]

@@ -174,6 +174,7 @@ class Trainer:
         self.rank = distributed.rank()
         self.device = distributed.device()
         self.stop_requested = False
+        self._estimate: int | None = None  # a checkpoint's bytes, once computed
 
         strategy = STRATEGIES[self.cfg.token_drop]
         self.table = ImportanceTable(
@@ -311,7 +312,7 @@ class Trainer:
         """About how many bytes a checkpoint takes: per parameter, its weight plus fp32
         master copy and Adam's two moments (what a first checkpoint is checked against;
         later ones go by the size of the one before)."""
-        if not hasattr(self, "_estimate"):
+        if self._estimate is None:
             params = list(self.engine.module.parameters())
             numel = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3: full size
             (total,) = distributed.all_reduce_sum([float(numel)])  # stages and replicas

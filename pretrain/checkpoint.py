@@ -21,6 +21,10 @@ A checkpoint proves itself: before one is loaded (``--resume``, export), its fil
 checked against ``files.json``. ``--resume auto`` falls back from a ``latest`` that fails
 to the newest checkpoint that verifies; ``--resume PATH`` to one that fails is an error
 naming the file. A checkpoint written before ``files.json`` existed loads unverified.
+
+Before anything is written, every rank checks that the checkpoint can be (a probe file,
+the free space against the previous checkpoint's size or an estimate); otherwise all
+ranks raise :class:`CheckpointWriteError` together and ``latest`` stays as it was.
 """
 
 from __future__ import annotations

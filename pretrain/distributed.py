@@ -14,7 +14,6 @@ such failures from others, so that ``run.py`` can end the rank instead of hangin
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import os
@@ -59,8 +58,6 @@ def init(timeout: datetime.timedelta | None = None) -> None:
     )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        _unlink_shm_workspace()
 
 
 def _default_group_timeout(timeout: datetime.timedelta) -> None:
@@ -124,10 +121,12 @@ def _without_shm_all_reduce() -> None:
 
     On CPU, DeepSpeed's communication backend JIT-compiles an op (about 90 s on a fresh
     machine) and, when all ranks share a host, gives each rank a 64 MiB workspace in
-    /dev/shm. It serves only ``inference_all_reduce``, which training never calls (ZeRO,
-    the pipeline and our own collectives go through gloo). A rank killed between the
-    workspace's creation and the unlinking below left it in /dev/shm for good (found by
-    the SIGKILL test), and the op's set-up waits for every rank without a timeout. Its
+    /dev/shm, named ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, that it never
+    unlinks: a few hundred runs filled a 24 GiB machine's RAM. It serves only
+    ``inference_all_reduce``, which training never calls (ZeRO, the pipeline and our own
+    collectives go through gloo). Unlinking the names once every rank had mapped them still
+    left them behind when a rank was killed before that (found by the SIGKILL test), and
+    the op's set-up waits for every rank without a timeout. Its
     builder is DeepSpeed's list of compatible ops; marked incompatible, the op is never
     built, and ``inference_all_reduce`` falls back to torch.distributed.
     """
@@ -137,26 +136,6 @@ def _without_shm_all_reduce() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
-
-
-def _unlink_shm_workspace() -> None:
-    """Remove the name of DeepSpeed's CPU all-reduce workspace from /dev/shm, should a
-    DeepSpeed version build it despite :func:`_without_shm_all_reduce`.
-
-    On CPU, when all ranks share one machine, DeepSpeed's shm comm op gives every rank a
-    64 MiB workspace named ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` in
-    /dev/shm and never unlinks it, so each run left 64 MiB per rank of tmpfs (that is, RAM)
-    behind: a few hundred runs filled a 24 GiB machine. The peers map each other's
-    workspace once, during initialisation; after a barrier every mapping exists, so the
-    names can go at once (the addr:port pair makes the name this run's). The memory is
-    freed when the last rank exits, however it exits.
-    """
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank()
-    )
-    dist.barrier()  # on every rank: whether a rank has a workspace is not ours to know
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join("/dev/shm", name))
 
 
 def shutdown() -> None:

@@ -1,6 +1,6 @@
 """Time one training step of our dense model, our token-dropped model and HF BertForMaskedLM.
 
-    python benchmarks/bench_model.py [--json OUT] [--configs tiny,mid] [--steps N]
+    python benchmarks/bench_model.py [--json OUT] [--configs tiny,mid] [--steps N] [--compile]
 
 All three run in one process at the same size (fp32, dropout 0.1, random tokens with 15%
 masking) and take turns step by step, so machine noise hits them alike; the medians over
@@ -14,6 +14,12 @@ forward, backward and torch.optim.AdamW.step():
             importance table's accumulate + synchronize_and_apply
     hf      transformers.BertForMaskedLM (attn_implementation="sdpa"), the loss over all
             positions as usual (labels = -100 where not masked)
+
+Our models run as the trainer runs them: static shapes (the masking's most predictions per
+row, ``max_predictions``), no padding mask for rows without padding. With ``--compile``,
+two more take their turns: ``dense_compiled`` and ``drop_compiled``, the same models under
+``torch.compile(fullgraph=True, dynamic=False)`` (inductor), their compilation in the
+unmeasured warm-up steps.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain.flops import flops_ratio  # noqa: E402
 from pretrain.importance import ImportanceTable  # noqa: E402
 from pretrain.kernels import KERNELS  # noqa: E402
-from pretrain.masking import DynamicMasker  # noqa: E402
+from pretrain.masking import DynamicMasker, max_predictions  # noqa: E402
 from pretrain.model import BertForTokenDropPretraining, ModelConfig, num_kept_tokens  # noqa: E402
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # the data_prep layout; here only for the random data
@@ -104,6 +110,7 @@ def bench_config(
     seed: int,
     attention_dropout: float | None = None,
     kernels: str = "auto",
+    compile: bool = False,
 ) -> dict:
     """``warmup`` + ``steps`` rounds of one step of each model; medians over ``steps``."""
     from transformers import BertConfig, BertForMaskedLM
@@ -120,33 +127,41 @@ def bench_config(
     keep_ratio = 0.5
     kept = num_kept_tokens(seq_len, keep_ratio)
 
+    width = max_predictions(seq_len)
+
     torch.manual_seed(seed)
     dense = BertForTokenDropPretraining(cfg).train()
     drop = BertForTokenDropPretraining(cfg).train()
     drop.load_state_dict(dense.state_dict())
     hf = BertForMaskedLM(BertConfig(**cfg.to_hf_bert_config(), attn_implementation="sdpa")).train()
-    optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (dense, drop, hf)}
+    models = {"dense": dense, "drop": drop}
+    if compile:
+        for key in ("dense", "drop"):
+            twin = BertForTokenDropPretraining(cfg).train()
+            twin.load_state_dict(dense.state_dict())
+            models[f"{key}_compiled"] = twin
+    optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (*models.values(), hf)}
+    forwards = {
+        key: torch.compile(m, fullgraph=True, dynamic=False) if key.endswith("_compiled") else m
+        for key, m in models.items()
+    }
     table = ImportanceTable(
         vocab_size, "loss_ema", allow_ids=(UNK, CLS, SEP, MASK), deny_ids=(PAD,)
     )
     select_gen = torch.Generator().manual_seed(seed)
     batches = make_batches(4, batch_size, seq_len, vocab_size, seed)
 
-    def dense_step(batch):
-        ids, attention_mask, labels = batch
-        dense(ids, attention_mask, labels).loss.backward()
-        optimizers[dense].step()
-        optimizers[dense].zero_grad(set_to_none=True)
-
-    def drop_step(batch):
-        ids, attention_mask, labels = batch
-        kept_idx = table.select(ids, kept, select_gen)
-        out = drop(ids, attention_mask, labels, kept_idx)
+    def our_step(key, batch):
+        ids, _, labels = batch  # no row is padded: no mask, as the trainer passes it
+        model, dropping = models[key], key.startswith("drop")
+        kept_idx = table.select(ids, kept, select_gen) if dropping else None
+        out = forwards[key](ids, None, labels, kept_idx, width)
         out.loss.backward()
-        optimizers[drop].step()
-        optimizers[drop].zero_grad(set_to_none=True)
-        table.accumulate(out.target_ids, out.token_losses)
-        table.synchronize_and_apply()
+        optimizers[model].step()
+        optimizers[model].zero_grad(set_to_none=True)
+        if dropping:
+            table.accumulate(out.target_ids, out.token_losses)
+            table.synchronize_and_apply()
 
     def hf_step(batch):
         ids, attention_mask, labels = batch
@@ -154,13 +169,14 @@ def bench_config(
         optimizers[hf].step()
         optimizers[hf].zero_grad(set_to_none=True)
 
-    runs = {"dense": dense_step, "drop": drop_step, "hf": hf_step}
+    runs = {key: (lambda batch, key=key: our_step(key, batch)) for key in models}
+    runs["hf"] = hf_step
     pressure_before = cpu_pressure()
     times: dict[str, list[float]] = {key: [] for key in runs}
     for step in range(warmup + steps):
         batch = batches[step % len(batches)]
         # Rotate the starting model too, so none always runs right after another's backward.
-        order = list(runs)[step % 3 :] + list(runs)[: step % 3]
+        order = list(runs)[step % len(runs) :] + list(runs)[: step % len(runs)]
         for key in order:
             start = time.perf_counter()
             runs[key](batch)
@@ -192,6 +208,11 @@ def bench_config(
     result["drop_over_dense_per_flops_ratio"] = result["drop_over_dense"] / result["flops_ratio"]
     result["dense_speedup_vs_hf"] = result["hf_step_s"] / result["dense_step_s"]
     result["drop_speedup_vs_hf"] = result["hf_step_s"] / result["drop_step_s"]
+    if compile:
+        for key in ("dense", "drop"):
+            compiled = statistics.median(times[f"{key}_compiled"])
+            result[f"{key}_compiled_step_s"] = compiled
+            result[f"{key}_compiled_speedup"] = result[f"{key}_step_s"] / compiled
     return result
 
 
@@ -208,6 +229,12 @@ def print_table(results: dict) -> None:
             f"{r['drop_over_dense']:>11.3f} {r['flops_ratio']:>12.3f} "
             f"{r['dense_speedup_vs_hf']:>8.2f}x {r['drop_speedup_vs_hf']:>7.2f}x"
         )
+        if "dense_compiled_step_s" in r:
+            print(
+                f"{'':<6} compiled: dense {r['dense_compiled_step_s']:.3f} s "
+                f"({r['dense_compiled_speedup']:.2f}x eager), drop {r['drop_compiled_step_s']:.3f} s "
+                f"({r['drop_compiled_speedup']:.2f}x eager)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="ModelConfig.kernels of our two models (torch: PyTorch's ops only, SDPA throughout)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time our two models under torch.compile(fullgraph=True), side by side",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCH_CONFIGS]
@@ -246,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in names:
         results[name] = bench_config(
-            name, args.steps, args.warmup, args.seed, args.attention_dropout, args.kernels
+            name,
+            args.steps,
+            args.warmup,
+            args.seed,
+            args.attention_dropout,
+            args.kernels,
+            args.compile,
         )
         pressure = results[name]["cpu_pressure_avg60_after"]
         print(f"[{name}] done; CPU pressure (PSI avg60) {pressure}%", file=sys.stderr)

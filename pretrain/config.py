@@ -57,6 +57,7 @@ class RunConfig:
     verify_data: bool = False  # also check every shard's sha256 against the manifest
     max_bad_steps: int = 3  # stop after N consecutive steps with a non-finite loss/grad norm
     collective_timeout: int = 1800  # seconds a collective waits for a peer before failing
+    compile: str | None = None  # torch.compile backend (inductor); None: eager
 
     @property
     def full_seq_steps(self) -> int:
@@ -96,6 +97,9 @@ _HELP = {
     "norm is not finite (steps that fp16 loss scaling skips do not count)",
     "collective_timeout": "seconds a collective waits for the other ranks before the job "
     "fails (a rank lost without closing its connections)",
+    "compile": "torch.compile the model's forward and backward as one graph per phase "
+    "(fullgraph, static shapes) with BACKEND (inductor when only --compile is "
+    "given; aot_eager traces without generating code); data parallel with ZeRO 0-2",
 }
 
 
@@ -118,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = tuple(STRATEGIES)
         if f.type in (bool, "bool"):
             p.add_argument(flag, dest=f.name, action="store_true", **kwargs)
+            continue
+        if f.name == "compile":
+            p.add_argument(
+                flag, dest=f.name, nargs="?", const="inductor", metavar="BACKEND", **kwargs
+            )
             continue
         p.add_argument(flag, dest=f.name, type=kind, **kwargs)
     # set by the deepspeed launcher; the rank comes from the environment
@@ -191,6 +200,8 @@ def resolve(run: RunConfig) -> ResolvedRun:
     except DataPrepError as e:
         raise ConfigError(f"--data: {e}") from None
     model = _model_config(run, manifest)
+    deepspeed = load_deepspeed_config(run)
+    _check_apex(run, model, deepspeed)
     if manifest.seq_len > model.max_position_embeddings:
         raise ConfigError(
             f"the data's seq_len {manifest.seq_len} exceeds the model's "
@@ -204,7 +215,34 @@ def resolve(run: RunConfig) -> ResolvedRun:
         raise ConfigError(f"--keep-ratio {run.keep_ratio} keeps every token; use --token-drop none")
     if not drops and run.keep_ratio != 0.5 and run.keep_ratio != 1:
         raise ConfigError("--keep-ratio has no effect with --token-drop none; leave it out")
-    return ResolvedRun(run, model, manifest, load_deepspeed_config(run), kept)
+    return ResolvedRun(run, model, manifest, deepspeed, kept)
+
+
+def _check_apex(run: RunConfig, model: ModelConfig, ds: dict) -> None:
+    """What asks for NVIDIA apex needs it installed (:mod:`pretrain.apex_support`)."""
+    from pretrain import apex_support
+
+    try:
+        if model.kernels == "apex":
+            apex_support.require(f'--model {run.model}: "kernels": "apex"')
+        if apex_support.asks_for_lamb(ds):
+            apex_support.require(
+                f"--deepspeed_config {run.deepspeed_config}: the optimizer "
+                f'"type": "{apex_support.LAMB_TYPE}"'
+            )
+    except apex_support.ApexUnavailable as e:
+        raise ConfigError(str(e)) from None
+    zero_stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if (
+        apex_support.asks_for_lamb(ds)
+        and zero_stage
+        and not ds.get("zero_allow_untested_optimizer")
+    ):
+        raise ConfigError(
+            f"--deepspeed_config {run.deepspeed_config}: ZeRO stage {zero_stage} with "
+            f'{apex_support.LAMB_TYPE} needs "zero_allow_untested_optimizer": true (DeepSpeed '
+            f"tests ZeRO only with its own optimizers)"
+        )
 
 
 def _verify_data(manifest: Manifest, sha256: bool) -> None:
@@ -289,6 +327,21 @@ def load_deepspeed_config(run: RunConfig) -> dict:
         raise ConfigError(
             f"--pipeline-stages {run.pipeline_stages} with ZeRO stage {zero_stage} "
             f"({path}): DeepSpeed's pipeline engine allows ZeRO stage 0 or 1 only"
+        )
+    if run.compile is not None:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if run.compile not in backends:
+            raise ConfigError(
+                f"--compile {run.compile}: not a torch.compile backend; choose one of "
+                f"{', '.join(backends)}"
+            )
+    if run.compile and (run.pipeline_stages > 1 or zero_stage > 2):
+        raise ConfigError(
+            f"--compile with {'--pipeline-stages' if run.pipeline_stages > 1 else 'ZeRO stage 3'}"
+            f" ({path}): not supported; --compile needs data parallelism with ZeRO 0-2 (ZeRO-3's "
+            f"parameter hooks and the pipeline's stages break the one graph)"
         )
     world = launcher_world_size()
     if run.pipeline_stages > 1 and world % run.pipeline_stages:

@@ -153,6 +153,18 @@ class Batch:
     attention_mask: torch.Tensor  # [batch, seq] bool, True = real token
     labels: torch.Tensor  # [batch, seq] int64, -100 = not predicted
     sample_indices: torch.Tensor  # [batch] int64 global indices (for tests and debugging)
+    padded: bool = True  # some row has padding; False: the model may skip the padding mask
+
+    def to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(input_ids, attention_mask or None when nothing is padded, labels) on ``device``;
+        decided from the host copy, so the step reads nothing back from the device."""
+        pin = device.type == "cuda"  # pinned memory: the copies overlap with compute
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if pin else t).to(device, non_blocking=True)
+
+        mask = move(self.attention_mask) if self.padded else None
+        return move(self.input_ids), mask, move(self.labels)
 
 
 class PretrainLoader:
@@ -221,13 +233,15 @@ class PretrainLoader:
         labels = np.empty_like(ids)
         for e in np.unique(epochs):  # a window spans at most two epochs
             where = np.flatnonzero(epochs == e)
-            masked, lab = self.masker(ids[where], indices[where], int(e))
-            input_ids[where], labels[where] = masked.numpy(), lab.numpy()
+            input_ids[where], labels[where] = self.masker.mask_numpy(
+                ids[where], indices[where], int(e)
+            )
         return Batch(
             input_ids=torch.from_numpy(input_ids),
             attention_mask=torch.from_numpy(ids != self.pad_id),
             labels=torch.from_numpy(labels),
             sample_indices=torch.from_numpy(indices),
+            padded=bool((ids == self.pad_id).any()),
         )
 
 
@@ -250,4 +264,7 @@ def validation_batches(
         indices = mine[start : start + batch]
         ids = shards.gather(indices)
         masked, labels = masker(ids, indices, 0)
-        yield Batch(masked, torch.from_numpy(ids != pad_id), labels, torch.from_numpy(indices))
+        real = ids != pad_id
+        yield Batch(
+            masked, torch.from_numpy(real), labels, torch.from_numpy(indices), not bool(real.all())
+        )

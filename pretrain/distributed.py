@@ -192,3 +192,11 @@ def all_reduce_sum(values: list[float], group=None) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=backend_device)
     dist.all_reduce(t, group=group)
     return t.tolist()
+
+
+def all_reduce_sum_(values: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum a tensor over ``group`` in place, where it lives (the device with NCCL, the CPU
+    with gloo), leaving it there: nothing is read on the host."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, group=group)
+    return values

@@ -188,10 +188,12 @@ class ImportanceTable:
     # -- loss_ema update ---------------------------------------------------------------
 
     def accumulate(self, target_ids: torch.Tensor, token_losses: torch.Tensor) -> None:
-        """Add one micro-batch: target_ids [N] and their MLM losses [N] (real masked slots only).
+        """Add one micro-batch: target_ids [N] and their MLM losses [N]; slots with target
+        -100 (padding of the static prediction width) are left out.
 
-        A non-finite loss (an fp16 overflow, a bad batch) is left out, sum and count: one
-        NaN would make its id's score NaN for good, and NaN outranks every score.
+        A non-finite loss (an fp16 overflow, a bad batch) is left out too, sum and count:
+        one NaN would make its id's score NaN for good, and NaN outranks every score.
+        Shapes stay static and nothing is read on the host.
         """
         if not self.kind.learns_from_loss:
             return
@@ -202,9 +204,10 @@ class ImportanceTable:
             )
         ids = target_ids.to(self._accumulator.device, torch.int64)
         losses = token_losses.detach().to(self._accumulator.device, torch.float32)
-        finite = torch.isfinite(losses)  # static shapes: masked, not indexed
-        self._accumulator[0].scatter_add_(0, ids, torch.where(finite, losses, 0.0))
-        self._accumulator[1].scatter_add_(0, ids, finite.to(torch.float32))
+        counted = torch.isfinite(losses) & (ids >= 0)  # masked, not indexed
+        ids = ids.clamp(min=0)
+        self._accumulator[0].scatter_add_(0, ids, torch.where(counted, losses, 0.0))
+        self._accumulator[1].scatter_add_(0, ids, counted.to(torch.float32))
 
     def synchronize_and_apply(self, group: dist.ProcessGroup | None = None) -> None:
         """Once per optimizer step: all_reduce (SUM) the [2, vocab] sums and counts over

@@ -2,8 +2,9 @@
 
 Everything here has a plain-PyTorch reference that ``ModelConfig.kernels = "torch"``
 selects instead, with the same semantics; the default, ``"auto"``, picks this module's
-version where PyTorch has no fused kernel: float32 training on the CPU. On a GPU, or in
-evaluation, both settings run the same PyTorch ops.
+version where PyTorch has no fused kernel: float32 training on the CPU, in eager mode. On
+a GPU, in evaluation, or under ``torch.compile`` (which fuses PyTorch's ops itself), both
+settings run the same PyTorch ops.
 
 - ``attention``: ``torch.nn.functional.scaled_dot_product_attention`` (SDPA), except with
   attention dropout on the CPU. There SDPA has no fused kernel: it falls back to its math
@@ -15,6 +16,9 @@ evaluation, both settings run the same PyTorch ops.
 - ``dropout``: ``F.dropout``, whose CPU mask (``bernoulli_``) costs 4 ns an element.
 - ``token_cross_entropy``: ``F.cross_entropy(reduction="none")``, whose backward allocates
   and fills two [N, vocab] tensors besides the gradient.
+
+``"apex"`` runs PyTorch's ops like ``"torch"``, with NVIDIA apex's fused LayerNorm
+(:mod:`pretrain.apex_support`; for GPUs).
 
 Dropout masks come from ``keep_mask``: 16 random bits per element, four from each full
 64-bit draw of the default CPU generator (5x faster than ``bernoulli_``, and seeded and
@@ -30,11 +34,23 @@ import math
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("auto", "torch")
+KERNELS = ("auto", "torch", "apex")  # apex: PyTorch's ops and apex's fused LayerNorm
 _CHUNK_BYTES = 2 << 20  # attention scores worked on at a time: about one core's L2 cache
 
 
+def layer_norm(size: int, eps: float, kernels: str = "auto") -> torch.nn.Module:
+    """``nn.LayerNorm(size, eps)``, or apex's FusedLayerNorm with ``kernels="apex"``."""
+    if kernels == "apex":
+        from pretrain.apex_support import fused_layer_norm
+
+        return fused_layer_norm(size, eps)
+    return torch.nn.LayerNorm(size, eps=eps)
+
+
 def _ours(x: torch.Tensor, kernels: str) -> bool:
+    # Under torch.compile, PyTorch's ops: the compiler fuses them, and traces them whole.
+    if torch.compiler.is_compiling():
+        return False
     return kernels == "auto" and x.device.type == "cpu" and x.dtype == torch.float32
 
 

@@ -10,6 +10,7 @@ run was resumed at. Vectorized over the whole batch in numpy uint64 arithmetic.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,6 +23,14 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _SELECT, _ACTION, _REPLACEMENT = 0, 1, 2  # independent random streams per position
 _TWO_POW_53 = float(2**53)
+MASK_PROB = 0.15  # BERT's: the fraction of a row's maskable positions that are predicted
+
+
+def max_predictions(seq_len: int, mask_prob: float = MASK_PROB) -> int:
+    """P: the most positions :class:`DynamicMasker` predicts in a row of ``seq_len``
+    tokens (round(mask_prob * n) of n <= seq_len maskable ones), the static number of
+    prediction slots a training step computes."""
+    return max(1, math.floor(seq_len * mask_prob + 0.5))
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -67,7 +76,7 @@ class DynamicMasker:
         mask_id: int,
         vocab_size: int,
         seed: int,
-        mask_prob: float = 0.15,
+        mask_prob: float = MASK_PROB,
         mask_token_prob: float = 0.8,
         random_token_prob: float = 0.1,
     ):
@@ -104,10 +113,17 @@ class DynamicMasker:
         Returns (masked_input_ids [B, S] int64, labels [B, S] int64 with -100 where not predicted).
         """
         ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids)
-        ids = ids.astype(np.int64)
         index = np.asarray(
             sample_indices.cpu() if isinstance(sample_indices, torch.Tensor) else sample_indices
         )
+        masked, labels = self.mask_numpy(ids, index, epoch)
+        return torch.from_numpy(masked), torch.from_numpy(labels)
+
+    def mask_numpy(
+        self, ids: np.ndarray, index: np.ndarray, epoch: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`__call__` on numpy arrays, returning numpy arrays (the data loader's form)."""
+        ids = ids.astype(np.int64)
         if ids.ndim != 2 or index.shape != (ids.shape[0],):
             raise ValueError(
                 f"input_ids must be [batch, seq] and sample_indices [batch]; got "
@@ -141,7 +157,7 @@ class DynamicMasker:
 
         labels = np.where(predicted, ids, IGNORE_INDEX)
         masked = np.where(to_mask, self.mask_id, np.where(to_random, replacement, ids))
-        return torch.from_numpy(masked), torch.from_numpy(labels)
+        return masked, labels
 
 
 def mask_batch(
@@ -152,11 +168,11 @@ def mask_batch(
     special_ids: Iterable[int],
     mask_id: int,
     vocab_size: int,
-    mask_prob: float = 0.15,
+    mask_prob: float = MASK_PROB,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Functional form of DynamicMasker (builds the special-id tables on every call)."""
     masker = DynamicMasker(special_ids, mask_id, vocab_size, seed, mask_prob=mask_prob)
     return masker(input_ids, sample_indices, epoch)
 
 
-__all__ = ["IGNORE_INDEX", "DynamicMasker", "mask_batch"]
+__all__ = ["IGNORE_INDEX", "MASK_PROB", "DynamicMasker", "mask_batch", "max_predictions"]

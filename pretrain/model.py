@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.kernels import KERNELS, Dropout, attention, token_cross_entropy
+from pretrain.kernels import KERNELS, Dropout, attention, layer_norm, token_cross_entropy
 from pretrain.masking import IGNORE_INDEX  # label of positions that are not predicted
 
 # ---------------------------------------------------------------------------------------
@@ -63,7 +63,8 @@ class ModelConfig:
     drop_start_layer: int | None = None  # boundary layer; None: num_layers // 2 - 1
     drop_end_layer: int | None = None  # last kept-tokens-only layer; None: num_layers - 2
     # "auto": pretrain.kernels' own attention dropout, dropout and cross-entropy in float32
-    # CPU training, where PyTorch's are unfused (same semantics); "torch": PyTorch's ops only
+    # CPU training, where PyTorch's are unfused (same semantics); "torch": PyTorch's ops only;
+    # "apex": PyTorch's ops with NVIDIA apex's fused LayerNorm (GPUs; apex must be installed)
     kernels: str = "auto"
 
     def __post_init__(self) -> None:
@@ -299,7 +300,7 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, cfg.kernels)
         self.dropout = Dropout(cfg.dropout, cfg.kernels)
 
     def forward(
@@ -343,10 +344,10 @@ class EncoderLayer(nn.Module):
         self.kernels = cfg.kernels
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # rows: query, key, value
         self.attn_out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, cfg.kernels)
         self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, cfg.kernels)
         self.dropout = Dropout(cfg.dropout, cfg.kernels)
 
     def attention(
@@ -471,7 +472,7 @@ class MlmHead(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, cfg.kernels)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)  # weight tied by the model
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -484,33 +485,50 @@ class MlmHead(nn.Module):
 
 
 class MlmOutput(NamedTuple):
-    loss: torch.Tensor  # scalar: mean cross-entropy over the predicted positions
-    token_losses: torch.Tensor  # [N] float32, detached: what the importance table accumulates
-    target_ids: torch.Tensor  # [N] int64: the label ids of those positions
+    """The MLM loss of a micro-batch over N prediction slots, some of them padding.
+
+    Shapes are static (N = batch x prediction width) and nothing here is read on the host,
+    so a training step needs no device synchronisation (the trainer reads its sums once
+    per logged step). Padding slots carry target -100, loss 0 and no gradient.
+    """
+
+    loss: torch.Tensor  # scalar: mean cross-entropy over the real predictions
+    token_losses: torch.Tensor  # [N] float32, detached, 0 in padding slots: the table's feed
+    target_ids: torch.Tensor  # [N] int64: the label ids, -100 in padding slots
+    valid: torch.Tensor  # [N] bool: the slot holds a real prediction
     num_correct: torch.Tensor  # int64 scalar: argmax predictions equal to the label
-    num_predictions: int  # N
+    num_predictions: torch.Tensor  # int64 scalar: real predictions (valid.sum())
 
 
 def key_padding_mask_of(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """attention_mask [B, S] (1/True = real token) -> bool [B, S], or None when nothing is
-    padded: SDPA then skips masking altogether (Hugging Face BERT does the same)."""
+    padded: SDPA then skips masking altogether (Hugging Face BERT does the same).
+
+    Reads the mask on the host: for evaluation and export. The training step leaves that
+    decision to the caller, who has the batch on the CPU (:meth:`BertForTokenDropPretraining.forward`).
+    """
     if attention_mask is None:
         return None
     mask = attention_mask.bool()
     return None if bool(mask.all()) else mask
 
 
-def prediction_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prediction_positions(
+    labels: torch.Tensor, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted positions per row: labels [B, S] -> positions [B, P] int64, valid [B, P] bool.
 
-    P is the largest number of predicted positions in a row (at least 1). Row b lists its
-    predicted positions in ascending order, then filler positions marked invalid, so that
-    ``x[valid]`` of a per-position tensor x [B, P, ...] follows the row-major order of
-    ``labels != -100``.
+    P is ``width`` (static shapes, no host read; rows must not predict more positions than
+    that, which :func:`pretrain.masking.max_predictions` guarantees for the run's masking),
+    or, when None, the largest number of predicted positions in a row (at least 1; read
+    on the host). Row b lists its predicted positions in ascending order, then filler
+    positions marked invalid, so that ``x[valid]`` of a per-position tensor x [B, P, ...]
+    follows the row-major order of ``labels != -100``.
     """
     predicted = labels != IGNORE_INDEX  # [batch, seq]
     counts = predicted.sum(dim=1)  # [batch]
-    width = max(int(counts.max()), 1) if labels.numel() else 1
+    if width is None:
+        width = max(int(counts.max()), 1) if labels.numel() else 1
     order = predicted.to(torch.int32).argsort(dim=1, descending=True, stable=True)
     positions = order[:, :width]  # [batch, P]
     valid = torch.arange(width, device=labels.device)[None, :] < counts[:, None]  # [batch, P]
@@ -520,21 +538,25 @@ def prediction_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def masked_lm_loss(
     head: MlmHead, hidden: torch.Tensor, target_ids: torch.Tensor, kernels: str = "auto"
 ) -> MlmOutput:
-    """Sparse prediction: hidden [N, H] of the N predicted positions, target_ids [N] int64."""
+    """Sparse prediction: hidden [N, H] of N prediction slots, target_ids [N] int64 (-100:
+    a padding slot)."""
     return mlm_loss(head(hidden), target_ids, kernels)  # logits [N, vocab]
 
 
 def mlm_loss(logits: torch.Tensor, target_ids: torch.Tensor, kernels: str = "auto") -> MlmOutput:
-    """Mean cross-entropy of logits [N, V] against target_ids [N], with the per-token losses
-    the importance table needs (also the pipeline's last-stage loss)."""
+    """Mean cross-entropy of logits [N, V] against target_ids [N] (-100: a padding slot),
+    with the per-slot losses the importance table needs (also the pipeline's last-stage loss)."""
+    valid = target_ids != IGNORE_INDEX  # [N]
+    targets = target_ids.clamp(min=0)  # padding slots score id 0; their loss is masked out
     # The loss in at least float32 whatever the compute dtype (bf16/fp16 training).
     logits_fp32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    token_losses = token_cross_entropy(logits_fp32, target_ids, kernels)  # [N]
-    num_predictions = target_ids.numel()
-    loss = token_losses.sum() / max(num_predictions, 1)
+    token_losses = token_cross_entropy(logits_fp32, targets, kernels)  # [N]
+    token_losses = torch.where(valid, token_losses, 0.0)
+    num_predictions = valid.sum()
+    loss = token_losses.sum() / num_predictions.clamp(min=1)
     with torch.no_grad():
-        num_correct = (logits.argmax(dim=-1) == target_ids).sum()
-    return MlmOutput(loss, token_losses.detach(), target_ids, num_correct, num_predictions)
+        num_correct = ((logits.argmax(dim=-1) == target_ids) & valid).sum()
+    return MlmOutput(loss, token_losses.detach(), target_ids, valid, num_correct, num_predictions)
 
 
 class BertForTokenDropPretraining(nn.Module):
@@ -555,7 +577,7 @@ class BertForTokenDropPretraining(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.initializer_range)
         if isinstance(module, nn.Linear):
             nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif hasattr(module, "normalized_shape"):  # nn.LayerNorm, apex's FusedLayerNorm
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
@@ -576,17 +598,24 @@ class BertForTokenDropPretraining(nn.Module):
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
         kept_idx: torch.Tensor | None = None,
+        prediction_width: int | None = None,
     ) -> MlmOutput:
-        """input_ids [B, S], attention_mask [B, S] (True/1 = real token) or None,
-        labels [B, S] (-100 = not predicted), kept_idx [B, K] int64 sorted, or None (no dropping).
+        """input_ids [B, S], attention_mask [B, S] (True/1 = real token) or None (nothing is
+        padded: the caller decides, on the host), labels [B, S] (-100 = not predicted),
+        kept_idx [B, K] int64 sorted, or None (no dropping), prediction_width P: the static
+        number of prediction slots per row (None: the most any row has, read on the host).
 
-        Only the predicted positions go through the last layer's queries and the head.
+        Only the prediction slots go through the last layer's queries and the head. With
+        ``prediction_width`` the step has static shapes and no host synchronisation.
         """
-        output_idx, output_valid = prediction_positions(labels)  # [batch, P]
+        output_idx, output_valid = prediction_positions(labels, prediction_width)  # [batch, P]
+        mask = None if attention_mask is None else attention_mask.bool()
         hidden = self.embeddings(input_ids)
-        hidden = self.encoder(hidden, key_padding_mask_of(attention_mask), kept_idx, output_idx)
-        target_ids = labels.gather(1, output_idx)[output_valid]  # [N]
-        return masked_lm_loss(self.mlm_head, hidden[output_valid], target_ids, self.cfg.kernels)
+        hidden = self.encoder(hidden, mask, kept_idx, output_idx)  # [batch, P, hidden]
+        target_ids = torch.where(output_valid, labels.gather(1, output_idx), IGNORE_INDEX)
+        return masked_lm_loss(
+            self.mlm_head, hidden.flatten(0, 1), target_ids.flatten(), self.cfg.kernels
+        )
 
     def full_logits(
         self,

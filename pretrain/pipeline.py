@@ -15,10 +15,10 @@ what each step passes on:
     decoder (tied)           [B,P,H] -> logits [B,P,V] (decoder = word embeddings)
     decoder_bias             + bias; the loss function runs on the last stage
 
-Shapes are static, as pipeline stages need: K = round(keep_ratio * S), and P is the most
-positions masking can predict in a row, the rows padded with label -100. A step without
-dropping passes kept_idx = every position (K = S): the pipeline's tensor form of the
-trainer's None. Integer tensors (mask, indices) get no gradient; every float tensor
+Shapes are static, as pipeline stages need (and as the data-parallel step has them too):
+K = round(keep_ratio * S), and P is the most positions masking can predict in a row, the
+rows padded with label -100. A step without dropping passes kept_idx = every position
+(K = S): the pipeline's tensor form of the trainer's None. Integer tensors (mask, indices) get no gradient; every float tensor
 passed between stages does.
 
 Weights come from one :class:`BertForTokenDropPretraining` built with the run's seed on
@@ -29,7 +29,6 @@ layer count: the kept-token layers are cheaper than the full ones.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Iterable
 
@@ -37,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.apex_support import client_optimizer
 from pretrain.data import Batch
 from pretrain.flops import train_step_breakdown
 from pretrain.importance import STRATEGIES
-from pretrain.masking import IGNORE_INDEX
+from pretrain.masking import IGNORE_INDEX, max_predictions
 from pretrain.model import (
     LAYER_ROLES,
     BertForTokenDropPretraining,
@@ -57,24 +57,14 @@ from pretrain.model import (
 )
 
 
-def max_predictions(seq_len: int, mask_prob: float = 0.15) -> int:
-    """P: the most positions masking predicts in one row (a row has at most seq_len - 1
-    maskable positions, [CLS] being special; masking predicts round(mask_prob * n))."""
-    return max(1, math.floor((seq_len - 1) * mask_prob + 0.5))
-
-
 def pipe_batch(input_ids, attention_mask, labels, kept_idx, width: int):
     """The model's inputs as pipeline tensors: ((ids, mask, kept_idx, out_idx), targets).
 
-    out_idx [B, P] are the predicted positions padded to the static width P; targets [B, P]
-    their label ids, -100 where padded.
+    out_idx [B, P] are the predicted positions padded to the static width P
+    (:func:`pretrain.masking.max_predictions`); targets [B, P] their label ids, -100 where
+    padded.
     """
-    positions, valid = prediction_positions(labels)  # [B, p] with p <= width
-    if positions.shape[1] > width:
-        raise ValueError(f"{positions.shape[1]} predicted positions in a row exceed P={width}")
-    pad = width - positions.shape[1]
-    out_idx = F.pad(positions, (0, pad))
-    valid = F.pad(valid, (0, pad))
+    out_idx, valid = prediction_positions(labels, width)  # [B, P]
     targets = torch.where(valid, labels.gather(1, out_idx), IGNORE_INDEX)
     return (input_ids, attention_mask.to(torch.int64), kept_idx, out_idx), targets
 
@@ -168,8 +158,8 @@ class PipeLoss:
         self.kernels = kernels
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        valid = targets != IGNORE_INDEX  # [B, P]
-        out = mlm_loss(logits[valid], targets[valid], self.kernels)  # logits [N, V], targets [N]
+        # every slot, padding included (target -100, no loss): static shapes, no host read
+        out = mlm_loss(logits.flatten(0, 1), targets.flatten(), self.kernels)  # [B*P, V], [B*P]
         self.record(out)
         return out.loss
 
@@ -260,7 +250,7 @@ class PipelineRunner:
         run = resolved.run
         self.select = select
         self.device = distributed.device()
-        self.prediction_width = max_predictions(resolved.manifest.seq_len)
+        self.prediction_width = max_predictions(resolved.manifest.seq_len)  # P, static
         keep_ratio = run.keep_ratio if STRATEGIES[run.token_drop].drops else 1.0
         module, parts, self.stage_shares = build_pipeline(
             resolved.model,
@@ -271,10 +261,10 @@ class PipelineRunner:
             run.seed,
         )
         self.stage_layers = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        optimizer, ds_config = client_optimizer(resolved.deepspeed, parameters)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module,
-            model_parameters=[p for p in module.parameters() if p.requires_grad],
-            config=resolved.deepspeed,
+            model=module, model_parameters=parameters, optimizer=optimizer, config=ds_config
         )
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
         self.dp_size = self.engine.dp_world_size

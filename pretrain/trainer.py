@@ -7,7 +7,12 @@ One optimizer step, on every rank:
         forward (token-dropped), backward, record per-id MLM losses into the table
     DeepSpeed's optimizer step (at the accumulation boundary)
     one all_reduce of the table's [2, vocab] sums and counts, then the EMA update
-    one small all_reduce of the step's statistics and the stop flag
+    one small all_reduce of the step's statistics and the stop flag, left on the device
+
+Nothing in a step is read back on the host (shapes are static and the step's sums stay on
+the device), so a GPU runs ahead of the Python loop; the statistics of all the steps
+since the last read come back in one transfer at each logged step, and at evaluation,
+checkpoint and the end, where the stop flag and the divergence check are decided.
 
 How the micro-batches run is a :class:`StepRunner`'s business: :class:`DataParallelRunner`
 here, :class:`pretrain.pipeline.PipelineRunner` for pipeline parallelism. Both are given
@@ -33,10 +38,11 @@ from typing import Protocol
 import torch
 
 from pretrain import checkpoint, distributed
+from pretrain.apex_support import client_optimizer
 from pretrain.config import ResolvedRun
 from pretrain.data import Batch, PretrainLoader, SampleOrder, TokenShards, validation_batches
 from pretrain.importance import STRATEGIES, ImportanceTable
-from pretrain.masking import IGNORE_INDEX, DynamicMasker
+from pretrain.masking import IGNORE_INDEX, DynamicMasker, max_predictions
 from pretrain.metrics import MetricsLogger
 from pretrain.model import BertForTokenDropPretraining, MlmOutput
 
@@ -54,20 +60,37 @@ def seed_of(*values: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-@dataclass
 class MlmSums:
-    """This rank's sums over the micro-batches of one step (or one evaluation)."""
+    """This rank's sums over the micro-batches of one step (or one evaluation), kept on
+    the device: [loss sum, predictions, correct, kept predictions] float64 [4]. Nothing
+    is read on the host here; the trainer reads them once per logged step."""
 
-    training: bool  # whether recorded losses also feed the importance table
-    loss_sum: float = 0.0
-    predictions: float = 0.0
-    correct: float = 0.0
-    kept_masked: float = 0.0  # predicted positions the middle layers kept
+    def __init__(self, training: bool, device: torch.device):
+        self.training = training  # whether recorded losses also feed the importance table
+        self.values = torch.zeros(4, dtype=torch.float64, device=device)
 
     def add(self, out: MlmOutput) -> None:
-        self.loss_sum += float(out.token_losses.sum())
-        self.predictions += out.num_predictions
-        self.correct += float(out.num_correct)
+        sums = (out.token_losses.sum(), out.num_predictions, out.num_correct)
+        self.values[:3] += torch.stack([v.to(torch.float64) for v in sums])
+
+    def add_kept(self, kept_predictions: torch.Tensor) -> None:
+        """Predicted positions the middle layers kept."""
+        self.values[3] += kept_predictions.to(torch.float64)
+
+
+@dataclass
+class PendingStep:
+    """An optimizer step whose statistics are still on the device, all-reduced; they are
+    read with the rest of their logging window, in one transfer (:meth:`Trainer.read_steps`)."""
+
+    step: int  # the step count after it
+    kept_tokens: int | None
+    lr: float
+    stats: torch.Tensor  # [7] float64: MlmSums.values, stop flags, bad norms, the grad norm
+    has_grad_norm: bool
+    skipped: bool
+    table_sync_s: float
+    samples: int  # consumed samples after it
 
 
 @dataclass
@@ -82,6 +105,8 @@ class StepResult:
     grad_norm: float | None
     table_sync_s: float
     stop_requested: bool
+    step: int = 0  # the step count after it
+    samples: int = 0  # consumed samples after it
     skipped: bool = False  # the optimizer skipped the update (fp16 overflow); table untouched
     finite: bool = True  # loss and gradient norm finite on every rank (or the step skipped)
 
@@ -131,28 +156,32 @@ class DataParallelRunner:
         self.device = distributed.device()
         torch.manual_seed(resolved.run.seed)  # the same initial weights on every rank
         model = BertForTokenDropPretraining(resolved.model)
+        if resolved.run.compile:
+            # The model's own forward, and with it its backward: one graph per phase
+            # (dropping, full sequence; with and without a padding mask), held to fullgraph
+            # by tests/test_device_step.py. DeepSpeed's hooks around it stay eager (traced,
+            # its timers would break the graph), and parameter names stay the model's.
+            model.forward = torch.compile(
+                model.forward, backend=resolved.run.compile, fullgraph=True, dynamic=False
+            )
+        optimizer, ds_config = client_optimizer(resolved.deepspeed, model.parameters())
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=resolved.deepspeed
+            model=model, model_parameters=model.parameters(), optimizer=optimizer, config=ds_config
         )
         self.dp_rank = distributed.rank()
         self.dp_size = self.engine.dp_world_size
+        # static shapes: every micro-batch has P prediction slots, padded with label -100
+        self.prediction_width = max_predictions(resolved.manifest.seq_len)
 
     def describe(self) -> str | None:
         return None
 
-    def _to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            batch.input_ids.to(self.device, non_blocking=True),
-            batch.attention_mask.to(self.device, non_blocking=True),
-            batch.labels.to(self.device, non_blocking=True),
-        )
-
     def train_step(self, batches: Iterable[Batch], kept_tokens: int | None) -> None:
         engine = self.engine
         for micro, batch in enumerate(batches):
-            input_ids, attention_mask, labels = self._to_device(batch)
+            input_ids, attention_mask, labels = batch.to(self.device)
             kept_idx = self.select(micro, input_ids, labels, kept_tokens)  # [batch, kept]
-            out = engine(input_ids, attention_mask, labels, kept_idx)
+            out = engine(input_ids, attention_mask, labels, kept_idx, self.prediction_width)
             engine.backward(out.loss)
             engine.step()
             self.record(out)
@@ -161,7 +190,7 @@ class DataParallelRunner:
         self.engine.eval()
         with torch.no_grad():
             for batch in batches:
-                self.record(self.engine(*self._to_device(batch), None))
+                self.record(self.engine(*batch.to(self.device), None, self.prediction_width))
         self.engine.train()
 
 
@@ -189,7 +218,7 @@ class Trainer:
         # K of the dropping phase; None: the dense baseline (no phase drops)
         self.kept_tokens = resolved.kept_tokens if strategy.drops else None
         self.step = 0
-        self.sums = MlmSums(training=True)
+        self.sums = MlmSums(training=True, device=self.device)
         if self.cfg.pipeline_stages > 1:
             from pretrain.pipeline import PipelineRunner
 
@@ -226,14 +255,15 @@ class Trainer:
         step does not drop; counts the predicted positions the middle layers keep."""
         kept_idx = None
         if kept_tokens is not None:
-            generator = torch.Generator().manual_seed(
+            # the device's own generator: the draws never leave the device
+            generator = torch.Generator(device=input_ids.device).manual_seed(
                 seed_of(self.cfg.seed, self.step, self.runner.dp_rank, micro)
             )
             kept_idx = self.table.select(input_ids, kept_tokens, generator)  # [batch, kept]
         predicted = labels != IGNORE_INDEX
         if kept_idx is not None:
             predicted &= torch.zeros_like(predicted).scatter_(1, kept_idx, True)
-        self.sums.kept_masked += float(predicted.sum())
+        self.sums.add_kept(predicted.sum())
         return kept_idx
 
     def record(self, out: MlmOutput) -> None:
@@ -352,41 +382,57 @@ class Trainer:
         saved_at = self.step if self.step else None
         stopped_by_signal = False
         bad_steps = 0  # consecutive steps with a non-finite loss or gradient norm
+        window: list[PendingStep] = []  # steps whose statistics are still on the device
+        window_started = time.perf_counter()
         try:
             while self.step < end:
-                record, stop = self.train_one_step(full_seq_from)
-                if self.step % cfg.log_every == 0 or self.step == end or "non_finite" in record:
-                    log.log(record)
-                log.progress(self.step, record)
-                bad_steps = bad_steps + 1 if "non_finite" in record else 0
-                if bad_steps >= cfg.max_bad_steps:
-                    raise RunFailed(
-                        f"step {self.step}: loss {record['loss']}, gradient norm "
-                        f"{record.get('grad_norm')}: {bad_steps} consecutive steps not finite "
-                        f"(--max-bad-steps {cfg.max_bad_steps}); the run diverged, nothing was "
-                        f"checkpointed after the last good step ({self._latest_text()})",
-                        DIVERGED,
-                    )
+                window.append(self.run_step(full_seq_from))
+                step = self.step
+                eval_due = (cfg.eval_every and step % cfg.eval_every == 0) or (
+                    step == cfg.train_steps
+                )
+                save_due = cfg.save_every and step % cfg.save_every == 0
+                if step % cfg.log_every and step != end and not eval_due and not save_due:
+                    continue  # nothing to decide yet: no host read, the device runs ahead
+                elapsed = time.perf_counter() - window_started
+                stop = False
+                for result in self.read_steps(window):
+                    record = self.step_record(result, elapsed / len(window))
+                    if result.step % cfg.log_every == 0 or result.step == end or not result.finite:
+                        log.log(record)
+                    log.progress(result.step, record)
+                    bad_steps = 0 if result.finite else bad_steps + 1
+                    if bad_steps >= cfg.max_bad_steps:
+                        raise RunFailed(
+                            f"step {result.step}: loss {record['loss']}, gradient norm "
+                            f"{record.get('grad_norm')}: {bad_steps} consecutive steps not "
+                            f"finite (--max-bad-steps {cfg.max_bad_steps}); the run diverged, "
+                            f"nothing was checkpointed after the last good step "
+                            f"({self._latest_text()})",
+                            DIVERGED,
+                        )
+                    stop = stop or result.stop_requested
+                window = []
 
-                due = cfg.eval_every and self.step % cfg.eval_every == 0
-                if (due or self.step == cfg.train_steps) and not bad_steps:
+                if eval_due and not bad_steps:
                     val = self.evaluate()
                     if val is not None:
-                        log.log({"step": self.step, **val})
+                        log.log({"step": step, **val})
                         log.message(
-                            f"step {self.step}: val_loss {val['val_loss']:.4f} "
+                            f"step {step}: val_loss {val['val_loss']:.4f} "
                             f"val_acc {val['val_acc']:.4f}"
                         )
                 if stop:
                     stopped_by_signal = True
-                    log.message(f"step {self.step}: stop requested by a signal; checkpointing")
+                    log.message(f"step {step}: stop requested by a signal; checkpointing")
                     break
-                if cfg.save_every and self.step % cfg.save_every == 0:
+                if save_due:
                     try:
                         self.save(after_bad_step=bad_steps > 0)
-                        saved_at = self.step
+                        saved_at = step
                     except NonFiniteState as e:  # the next steps decide whether it diverged
                         log.message(f"run.py: {e}")
+                window_started = time.perf_counter()  # evaluation and saving are not steps
             if saved_at != self.step:
                 ref = self.save(after_bad_step=bad_steps > 0)
                 log.message(f"checkpoint {ref.path}")
@@ -407,22 +453,26 @@ class Trainer:
         return 0
 
     def train_one_step(self, full_seq_from: int | None = None) -> tuple[dict, bool]:
-        """One optimizer step; returns (its metrics record, stop requested on any rank).
-        Dropping stops at step ``full_seq_from`` (the full-sequence phase)."""
+        """One optimizer step, read at once; returns (its metrics record, stop requested on
+        any rank). Dropping stops at step ``full_seq_from`` (the full-sequence phase)."""
         started = time.perf_counter()
-        result = self.run_step(full_seq_from)
-        elapsed = time.perf_counter() - started
+        (result,) = self.read_steps([self.run_step(full_seq_from)])
+        return self.step_record(result, time.perf_counter() - started), result.stop_requested
+
+    def step_record(self, result: StepResult, step_s: float) -> dict:
+        """The metrics.jsonl line of a step; ``step_s`` is its share of its window's time
+        (steps run ahead of the host between reads, so one step alone has no time)."""
         seq_len = self.manifest.seq_len
         record = {
-            "step": self.step,
+            "step": result.step,
             "loss": result.loss,
             "lr": result.lr,
-            "tokens_per_s": self.global_batch * seq_len / elapsed,
+            "tokens_per_s": self.global_batch * seq_len / step_s,
             "kept_fraction": (result.kept_tokens or seq_len) / seq_len,
             "kept_masked_fraction": result.kept_masked_fraction,
             "mlm_acc": result.mlm_acc,
-            "samples": self.loader.consumed_samples,
-            "step_s": elapsed,
+            "samples": result.samples,
+            "step_s": step_s,
             "table_sync_s": result.table_sync_s,
         }
         if result.grad_norm is not None:
@@ -431,15 +481,15 @@ class Trainer:
             record["skipped"] = True
         if not result.finite:
             record["non_finite"] = True
-        return record, result.stop_requested
+        return record
 
-    def run_step(self, full_seq_from: int | None = None) -> StepResult:
+    def run_step(self, full_seq_from: int | None = None) -> PendingStep:
         """One optimizer step: the runner's micro-batches, the table's all_reduce and EMA,
-        then the step's statistics summed over the ranks."""
+        then one all_reduce of the step's statistics, left on the device."""
         full_seq_from = self.cfg.train_steps if full_seq_from is None else full_seq_from
         kept_tokens = self.kept_tokens if self.step < full_seq_from else None
         lr = self.engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        self.sums = MlmSums(training=True)
+        self.sums = MlmSums(training=True, device=self.device)
         self.runner.train_step(self.loader.next_step(), kept_tokens)
         skipped = self._step_skipped()
         started = time.perf_counter()
@@ -447,35 +497,50 @@ class Trainer:
             self.table.discard()
         else:
             self.table.synchronize_and_apply()  # over the world, as save() verifies
-        table_sync_s = time.perf_counter() - started
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = None if grad_norm is None else float(grad_norm)
+        table_sync_s = time.perf_counter() - started  # host time: on a GPU, the launch only
         self.step += 1
-        sums = self.sums
-        bad_norm = grad_norm is not None and not math.isfinite(grad_norm)
-        loss_sum, predictions, correct, kept_masked, stop, bad_norms = distributed.all_reduce_sum(
-            [
-                sums.loss_sum,
-                sums.predictions,
-                sums.correct,
-                sums.kept_masked,
-                float(self.stop_requested),
-                float(bad_norm),
-            ]
-        )
-        return StepResult(
+        grad_norm = self.engine.get_global_grad_norm()  # a device tensor or a float
+        norm = torch.as_tensor(
+            0.0 if grad_norm is None else grad_norm, dtype=torch.float64, device=self.device
+        ).reshape(1)
+        flags = torch.tensor([float(self.stop_requested)], dtype=torch.float64)
+        local = torch.cat([self.sums.values, flags.to(self.device), (~norm.isfinite()).double()])
+        distributed.all_reduce_sum_(local)
+        return PendingStep(
+            step=self.step,
             kept_tokens=kept_tokens,
-            loss=loss_sum / max(predictions, 1),
-            mlm_acc=correct / max(predictions, 1),
-            kept_masked_fraction=kept_masked / max(predictions, 1),
             lr=lr,
-            grad_norm=grad_norm,
-            table_sync_s=table_sync_s,
-            stop_requested=bool(stop),
+            stats=torch.cat([local, norm]),
+            has_grad_norm=grad_norm is not None,
             skipped=skipped,
-            # a NaN anywhere makes the summed loss NaN on every rank
-            finite=skipped or (math.isfinite(loss_sum) and not bad_norms),
+            table_sync_s=table_sync_s,
+            samples=self.loader.consumed_samples,
         )
+
+    def read_steps(self, pending: list[PendingStep]) -> list[StepResult]:
+        """The steps' statistics on the host: one device-to-host transfer for all of them."""
+        rows = torch.stack([p.stats for p in pending]).tolist()
+        results = []
+        for p, row in zip(pending, rows):
+            loss_sum, predictions, correct, kept_masked, stop, bad_norms, grad_norm = row
+            results.append(
+                StepResult(
+                    kept_tokens=p.kept_tokens,
+                    loss=loss_sum / max(predictions, 1),
+                    mlm_acc=correct / max(predictions, 1),
+                    kept_masked_fraction=kept_masked / max(predictions, 1),
+                    lr=p.lr,
+                    grad_norm=grad_norm if p.has_grad_norm else None,
+                    table_sync_s=p.table_sync_s,
+                    stop_requested=bool(stop),
+                    step=p.step,
+                    samples=p.samples,
+                    skipped=p.skipped,
+                    # a NaN anywhere makes the summed loss NaN on every rank
+                    finite=p.skipped or (math.isfinite(loss_sum) and not bad_norms),
+                )
+            )
+        return results
 
     def _step_skipped(self) -> bool:
         """Whether the optimizer skipped this step's update on some rank: only fp16's loss
@@ -497,12 +562,11 @@ class Trainer:
             self.runner.dp_rank,
             self.runner.dp_size,
         )
-        self.sums = MlmSums(training=False)
+        self.sums = MlmSums(training=False, device=self.device)
         self.runner.evaluate(list(batches))  # the same count on every rank
-        sums = self.sums
-        loss_sum, predictions, correct = distributed.all_reduce_sum(
-            [sums.loss_sum, sums.predictions, sums.correct]
-        )
+        totals = self.sums.values[:3].clone()
+        distributed.all_reduce_sum_(totals)
+        loss_sum, predictions, correct = totals.tolist()
         if not predictions:
             return None
         return {"val_loss": loss_sum / predictions, "val_acc": correct / predictions}

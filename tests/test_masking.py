@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.masking import DynamicMasker, mask_batch
+from pretrain.masking import DynamicMasker, mask_batch, max_predictions
 
 VOCAB = 1000
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -119,3 +119,14 @@ def test_bad_inputs():
         masker()(torch.tensor([[CLS, VOCAB]]), torch.tensor([0]), epoch=0)
     with pytest.raises(ValueError, match="sample_indices"):
         masker()(torch.tensor([[CLS, 9]]), torch.tensor([0, 1]), epoch=0)
+
+
+@pytest.mark.parametrize("seq_len", [7, 64, 128, 512])
+def test_no_row_predicts_more_than_the_static_width(seq_len):
+    # rows with no special token at all: every position maskable, the most predictions
+    ids = torch.randint(
+        len(SPECIALS), VOCAB, (64, seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    _, labels = masker()(ids, torch.arange(64), epoch=0)
+    counts = (labels != -100).sum(1)
+    assert int(counts.max()) == max_predictions(seq_len)  # reached, never exceeded

@@ -271,18 +271,35 @@ def test_kept_padding_stays_masked():
 # -- MLM head and loss --------------------------------------------------------------------
 
 
-def test_sparse_loss_matches_dense_logits():
+@pytest.mark.parametrize("width", [None, 9])  # None: the widest row; 9: a static width
+def test_sparse_loss_matches_dense_logits(width):
     model = make_model().eval()
     ids, attention_mask, labels = random_batch(pad_from=13)
-    out = model(ids, attention_mask, labels)
+    out = model(ids, attention_mask, labels, prediction_width=width)
     logits = model.full_logits(ids, attention_mask)  # [B, S, V]
     predicted = labels != IGNORE_INDEX
     token_losses = F.cross_entropy(logits[predicted], labels[predicted], reduction="none")
-    torch.testing.assert_close(out.token_losses, token_losses, rtol=1e-10, atol=1e-10)
+    # the slots: row by row, each row's predictions in order, then padding slots
+    assert out.valid.shape == (ids.shape[0] * (width or int(predicted.sum(1).max())),)
+    torch.testing.assert_close(out.token_losses[out.valid], token_losses, rtol=1e-10, atol=1e-10)
+    assert (out.token_losses[~out.valid] == 0).all()
+    assert (out.target_ids[~out.valid] == IGNORE_INDEX).all()
     torch.testing.assert_close(out.loss, token_losses.mean(), rtol=1e-10, atol=1e-10)
-    assert torch.equal(out.target_ids, labels[predicted])
+    assert torch.equal(out.target_ids[out.valid], labels[predicted])
     assert out.num_predictions == int(predicted.sum())
     assert int(out.num_correct) == int((logits[predicted].argmax(-1) == labels[predicted]).sum())
+
+
+def test_padding_slots_get_no_gradient():
+    model = make_model(dtype=torch.float32, dropout=0.0).train()  # the same work but wider
+    ids, attention_mask, labels = random_batch(pad_from=13)
+    grads = []
+    for width in (None, 12):
+        model.zero_grad()
+        model(ids, attention_mask, labels, prediction_width=width).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for narrow, wide in zip(*grads):
+        torch.testing.assert_close(wide, narrow, rtol=1e-5, atol=1e-7)
 
 
 def test_num_correct_counts_argmax_hits():
@@ -292,7 +309,7 @@ def test_num_correct_counts_argmax_hits():
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, :4] = logits[:, :4].argmax(-1)  # these four per row are right by construction
     labels[:, 4] = (logits[:, 4].argmax(-1) + 1) % VOCAB  # and this one is wrong
-    out = model(ids, attention_mask, labels)
+    out = model(ids, attention_mask, labels, prediction_width=8)  # padding slots never count
     assert int(out.num_correct) == 3 * 4
     assert out.num_predictions == 3 * 5
 
@@ -308,14 +325,18 @@ def test_prediction_positions_layout():
     assert positions[2].tolist() == [0, 2, 5] and valid[2].all()
     flat = torch.arange(18).view(3, 6).gather(1, positions)[valid]
     assert flat.tolist() == (labels.view(-1) != IGNORE_INDEX).nonzero().squeeze(1).tolist()
+    wide, wide_valid = prediction_positions(labels, width=5)  # static: the same, padded
+    assert wide.shape == wide_valid.shape == (3, 5)
+    assert torch.equal(wide[:, :3][valid], positions[valid]) and not wide_valid[:, 3:].any()
 
 
 def test_no_predictions_gives_zero_loss():
     model = make_model(dtype=torch.float32).train()
     ids, attention_mask, _ = random_batch()
-    out = model(ids, attention_mask, torch.full_like(ids, IGNORE_INDEX))
-    assert out.num_predictions == 0 and float(out.loss.detach()) == 0.0
-    out.loss.backward()  # still differentiable
+    for width in (None, 4):
+        out = model(ids, attention_mask, torch.full_like(ids, IGNORE_INDEX), prediction_width=width)
+        assert out.num_predictions == 0 and float(out.loss.detach()) == 0.0
+        out.loss.backward()  # still differentiable
 
 
 def test_decoder_is_tied_and_init_is_bert():

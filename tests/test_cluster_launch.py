@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -57,8 +59,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(data: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list]:
-    """(train, validation) losses of one straight run under `deepspeed --num_gpus 2`."""
+def reference(
+    data: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[], tuple[list, list]]]:
+    """``reference()``: (train, validation) losses of one straight run under `deepspeed
+    --num_gpus 2`. The run starts in the background when a test first asks for the fixture,
+    so that the test's own launch runs alongside; ``reference()`` waits for it."""
     out = tmp_path_factory.mktemp("reference") / "run"
     cmd = [
         "deepspeed",
@@ -69,19 +75,24 @@ def reference(data: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[list
         os.path.join(REPO, "pretrain", "run.py"),
         *run_args(data, out),
     ]
-    check(
-        subprocess.run(
-            cmd,
-            cwd=REPO,
-            env={**os.environ, **RUN_ENV},
-            capture_output=True,
-            text=True,
-            timeout=600,
+
+    def straight_run() -> tuple[list, list]:
+        check(
+            subprocess.run(
+                cmd,
+                cwd=REPO,
+                env={**os.environ, **RUN_ENV},
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
         )
-    )
-    losses = history(out)
-    assert len(losses[0]) == STEPS and [s for s, *_ in losses[1]] == [20, STEPS]
-    return losses
+        losses = history(out)
+        assert len(losses[0]) == STEPS and [s for s, *_ in losses[1]] == [20, STEPS]
+        return losses
+
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(straight_run).result
 
 
 # -- slurm/pretrain.sbatch ---------------------------------------------------------------
@@ -89,7 +100,7 @@ def reference(data: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[list
 
 @pytest.mark.slow
 def test_sbatch_trains_two_ranks_and_completes(
-    slurm_cluster: SlurmCluster, data: str, reference: tuple, tmp_path: Path
+    slurm_cluster: SlurmCluster, data: str, reference: Callable, tmp_path: Path
 ) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     # Submitted from the repository root, as documented; MASTER_ADDR is the script's
@@ -111,12 +122,12 @@ def test_sbatch_trains_two_ranks_and_completes(
     assert "data parallel 2" in text and "--resume auto" in text, text
     assert "resumed from" not in text, "a fresh RUN_DIR starts fresh under --resume auto"
     assert latest(run_dir) == f"global_step{STEPS:06d}"
-    assert history(run_dir) == reference
+    assert history(run_dir) == reference()
 
 
 @pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_the_job_finishes_with_the_same_losses(
-    slurm_cluster: SlurmCluster, data: str, reference: tuple, tmp_path: Path
+    slurm_cluster: SlurmCluster, data: str, reference: Callable, tmp_path: Path
 ) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     # Submitted from elsewhere: the script finds the repository from its own path.
@@ -152,7 +163,7 @@ def test_usr1_checkpoints_requeues_and_the_job_finishes_with_the_same_losses(
     assert "requeueing" in text and f"at step {step}\n" in text.split("resumed from", 1)[1], text
     assert "run.py: finished at step 40 of 40" in text, text
     assert latest(run_dir) == f"global_step{STEPS:06d}"
-    assert history(run_dir) == reference
+    assert history(run_dir) == reference()
 
 
 # -- mpirun and two launchers as two nodes -------------------------------------------------
@@ -160,7 +171,7 @@ def test_usr1_checkpoints_requeues_and_the_job_finishes_with_the_same_losses(
 
 @pytest.mark.slow
 def test_mpirun_trains_and_resumes_with_the_same_losses(
-    mpirun_cmd: MpiLauncher, data: str, reference: tuple, tmp_path: Path
+    mpirun_cmd: MpiLauncher, data: str, reference: Callable, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
 
@@ -190,7 +201,7 @@ def test_mpirun_trains_and_resumes_with_the_same_losses(
     second = mpirun("--resume", "auto")
     assert "resumed from" in second.stderr and "finished at step 40" in second.stderr
 
-    assert history(run_dir) == reference
+    assert history(run_dir) == reference()
 
 
 def node_env(node_rank: int, port: str) -> dict[str, str]:
@@ -210,7 +221,9 @@ def node_env(node_rank: int, port: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_node_launchers_train_as_one_job(data: str, reference: tuple, tmp_path: Path) -> None:
+def test_two_node_launchers_train_as_one_job(
+    data: str, reference: Callable, tmp_path: Path
+) -> None:
     """The script's per-node path (what srun starts on each node) as node ranks 0 and 1 on
     this host, one rank each."""
     run_dir = tmp_path / "run"
@@ -232,7 +245,7 @@ def test_two_node_launchers_train_as_one_job(data: str, reference: tuple, tmp_pa
 
     assert "node rank 1 of 2" in outputs[1][1]
     assert "data parallel 2" in outputs[0][1], outputs[0][1][-3000:]
-    assert history(run_dir) == reference
+    assert history(run_dir) == reference()
 
 
 # -- a rank lost mid-run: the job ends, in bounded time ------------------------------------

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import deepspeed, train_args
+from test_train import at_once, deepspeed, in_pairs, train_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -45,13 +45,17 @@ def runs(data_dir, tmp_path_factory):
     """The same tiny model trained 6 steps as ZeRO-0, ZeRO-3 and a 2-stage pipeline run
     (dropout 0: the same math), each exported."""
     root = tmp_path_factory.mktemp("export")
-    out = {}
-    for kind, (ds, *extra) in KINDS.items():
+
+    def train_and_export(kind):
+        ds, *extra = KINDS[kind]
         run = root / kind
         deepspeed(train_args(data_dir, run, ds, 6, "--dropout", 0, "--eval-every", 3, *extra))
         export(run, root / f"hf_{kind}")
-        out[kind] = (run, root / f"hf_{kind}")
-    return out
+        return run, root / f"hf_{kind}"
+
+    # the three runs do not depend on each other: all at once
+    done = at_once(*(lambda kind=kind: train_and_export(kind) for kind in KINDS))
+    return dict(zip(KINDS, done))
 
 
 def hf_model(hf_dir):
@@ -195,24 +199,29 @@ def test_bad_checkpoints_are_one_line_errors_and_leave_no_directory(runs, tmp_pa
     (
         broken / "checkpoints" / "global_step000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     ).unlink()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("mine")
     cases = [
         (broken, (), "is corrupt", "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"),
         (tmp_path / "nowhere", (), "holds no checkpoint", ""),
         (run, ("--checkpoint", "global_step000099"), "no such checkpoint", "global_step000099"),
     ]
-    for source, extra, *fragments in cases:
-        out = tmp_path / "hf"
-        result = export(source, out, *extra, check=False)
+    outs = [tmp_path / f"hf{i}" for i in range(len(cases))]
+    # four exports that must refuse, each its own process and output, two at a time
+    attempts = [(source, out, extra) for (source, extra, *_), out in zip(cases, outs)]
+    *results, over_taken = in_pairs(
+        lambda attempt: export(*attempt[:2], *attempt[2], check=False),
+        [*attempts, (run, taken, ())],
+    )
+    for (_, _, *fragments), out, result in zip(cases, outs, results):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
         assert lines[0].startswith("pretrain.export: error: ") and all(
             f in lines[0] for f in fragments
         )
         assert not out.exists()
-    taken = tmp_path / "taken"
-    taken.mkdir()
-    (taken / "x").write_text("mine")
-    assert "--overwrite" in export(run, taken, check=False).stderr
+    assert "--overwrite" in over_taken.stderr
     assert (taken / "x").read_text() == "mine"
 
 

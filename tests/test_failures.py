@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import torch
 from conftest import require_system_tools
-from test_train import REPO, deepspeed, metrics, single, train_args
+from test_train import REPO, at_once, deepspeed, metrics, single, train_args
 
 
 def ds_config(tmp_path, name: str, max_lr: float) -> str:
@@ -144,17 +144,23 @@ def test_a_read_only_or_too_small_checkpoint_directory_is_one_line(data_dir, tmp
     code 4, no checkpoint, the run's metrics kept."""
     out = tmp_path / "ro"
     (out / "checkpoints").mkdir(parents=True)
-    with mounted(out / "checkpoints", "--bind", "-o", "ro", str(out / "checkpoints")):
-        result = single(train_args(data_dir, out, "cpu_zero0.json", 4, "--save-every", 2))
-    assert result.returncode == 4, result.stderr[-3000:]
-    (line,) = errors(result)
-    assert "global_step000002 not written: cannot write in" in line, line
-    assert "Read-only file system" in line and "latest still names no checkpoint" in line
-    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2]
-
     small = tmp_path / "small"
-    with mounted(small, "-t", "tmpfs", "-o", "size=1m", "tmpfs"):
-        result = single(train_args(data_dir, small / "run", "cpu_zero0.json", 3))
+    with (
+        mounted(out / "checkpoints", "--bind", "-o", "ro", str(out / "checkpoints")),
+        mounted(small, "-t", "tmpfs", "-o", "size=1m", "tmpfs"),
+    ):
+        # two runs on two disks, independent of each other: at once
+        result, too_small = at_once(
+            lambda: single(train_args(data_dir, out, "cpu_zero0.json", 4, "--save-every", 2)),
+            lambda: single(train_args(data_dir, small / "run", "cpu_zero0.json", 3)),
+        )
+        assert result.returncode == 4, result.stderr[-3000:]
+        (line,) = errors(result)
+        assert "global_step000002 not written: cannot write in" in line, line
+        assert "Read-only file system" in line and "latest still names no checkpoint" in line
+        assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2]
+
+        result = too_small
         assert result.returncode == 4, result.stderr[-3000:]
         (line,) = errors(result)
         assert "global_step000003 not written" in line, line

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -697,14 +698,12 @@ def test_same_seed_same_results(tmp_path, tiny_model, capsys):
     assert first[1] != other[1]
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> str:
+def pretrain_and_export(root) -> str:
     """A model this project pretrained: data_prep on the built-in corpus (vocabulary 2000,
     sequences of 64), the tiny model 500 steps on one rank with token dropping (loss_ema,
-    keep ratio 0.5, batches of 64, peak lr 1e-3), exported."""
+    keep ratio 0.5, batches of 64, peak lr 1e-3), exported into ``root/hf``."""
     from test_train import deepspeed
 
-    root = tmp_path_factory.mktemp("pretrained")
     offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
     data = root / "data"
     subprocess.run(
@@ -722,13 +721,32 @@ def pretrained(tmp_path_factory) -> str:
         ["--deepspeed_config", str(root / "ds.json"), "--data", str(data), "--output", str(run)]
         + ["--model", "tiny", "--train-steps", "500", "--token-drop", "loss_ema"]
         + ["--eval-every", "500", "--save-every", "0"],
-        ranks=1,
+        ranks=1, timeout=1200,  # alongside the other tests of this module
     )  # fmt: skip
     subprocess.run(
         [sys.executable, "-m", "pretrain.export", str(run), "--output", str(root / "hf")],
         cwd=ROOT, check=True, capture_output=True, env=offline, timeout=600,
     )  # fmt: skip
     return str(root / "hf")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pretraining(request, tmp_path_factory):
+    """``pretrain_and_export`` started at this module's first test, in the background, when
+    a selected test uses ``pretrained``: its processes (one rank) run while the tests before
+    that one (one thread each, see ``one_thread``) keep only one core busy."""
+    users = [i for i in request.session.items if "pretrained" in getattr(i, "fixturenames", ())]
+    if not users:
+        yield None
+        return
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(pretrain_and_export, tmp_path_factory.mktemp("pretrained"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(pretraining) -> str:
+    """The model of ``pretrain_and_export``, once it is ready."""
+    return pretraining.result()
 
 
 @pytest.mark.slow

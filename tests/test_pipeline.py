@@ -6,7 +6,15 @@ import json
 
 import pytest
 import torch
-from test_train import deepspeed, metrics, one_line_error, single, train_args, train_losses
+from test_train import (
+    at_once,
+    deepspeed,
+    metrics,
+    one_line_error,
+    single,
+    train_args,
+    train_losses,
+)
 
 from pretrain.flops import train_step_breakdown
 from pretrain.masking import max_predictions
@@ -55,10 +63,13 @@ def test_stages_are_balanced_by_flops_not_layer_count():
 @pytest.mark.slow
 def test_two_stages_match_a_one_rank_run_and_the_loss_falls(data_dir, tmp_path):
     pipe = tmp_path / "pipe"
-    result = deepspeed(pipe_args(data_dir, pipe, 30, "--dropout", 0))
-    assert "pipeline of 2 stages balanced by FLOPs" in result.stderr
     plain = tmp_path / "plain"
-    assert single(train_args(data_dir, plain, "cpu_zero1.json", 30, "--dropout", 0)).returncode == 0
+    result, plain_result = at_once(  # two independent runs
+        lambda: deepspeed(pipe_args(data_dir, pipe, 30, "--dropout", 0)),
+        lambda: single(train_args(data_dir, plain, "cpu_zero1.json", 30, "--dropout", 0)),
+    )
+    assert "pipeline of 2 stages balanced by FLOPs" in result.stderr
+    assert plain_result.returncode == 0
     a, b = train_losses(pipe), train_losses(plain)
     assert len(a) == len(b) == 30
     for (step_a, loss_a), (step_b, loss_b) in zip(a, b):
@@ -72,17 +83,22 @@ def test_two_stages_match_a_one_rank_run_and_the_loss_falls(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_stop_and_resume_equals_a_straight_run(data_dir, tmp_path):
-    # --full-seq-final: the activation shapes change (K -> S) for the last 5 steps
+    # --full-seq-final: the activation shapes change (K -> S) for the last 4 steps, after
+    # the resume; evaluations (full sequences too) at the stop and at the end
+    args = ("--full-seq-final", 4, "--eval-every", 8)
     straight = tmp_path / "straight"
-    deepspeed(pipe_args(data_dir, straight, 30, "--full-seq-final", 5))
     split = tmp_path / "split"
-    deepspeed(pipe_args(data_dir, split, 30, "--full-seq-final", 5, "--stop-at-step", 15))
-    deepspeed(pipe_args(data_dir, split, 30, "--full-seq-final", 5, "--resume", "auto"))
+    at_once(  # the straight run and the first half of the split one are independent
+        lambda: deepspeed(pipe_args(data_dir, straight, 16, *args)),
+        lambda: deepspeed(pipe_args(data_dir, split, 16, *args, "--stop-at-step", 8)),
+    )
+    assert [s for s, _ in train_losses(split)] == list(range(1, 9))
+    deepspeed(pipe_args(data_dir, split, 16, *args, "--resume", "auto"))
     assert train_losses(split) == train_losses(straight)
-    assert [r["kept_fraction"] for r in metrics(split) if "loss" in r] == [0.5] * 25 + [1.0] * 5
-    assert [r for r in metrics(split) if "val_loss" in r] == [
-        r for r in metrics(straight) if "val_loss" in r
-    ]
+    assert [r["kept_fraction"] for r in metrics(split) if "loss" in r] == [0.5] * 12 + [1.0] * 4
+    val = [r for r in metrics(split) if "val_loss" in r]
+    assert [r["step"] for r in val] == [8, 16]
+    assert val == [r for r in metrics(straight) if "val_loss" in r]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_train import deepspeed, metrics, train_args
+from test_train import at_once, deepspeed, metrics, train_args
 
 from pretrain.report import cumulative_cost, default_labels, main, read_metrics
 
@@ -28,11 +28,17 @@ def runs(data_dir, tmp_path_factory):
     table, one dense."""
     root = tmp_path_factory.mktemp("report")
     out = {}
+    launches = []
     for name, strategy in (("drop", "loss_ema"), ("dense", "none")):
         run = root / name
         extra = ("--eval-every", 5, "--save-every", 5, "--token-drop", strategy)
-        deepspeed(train_args(data_dir, run, "cpu_zero0.json", 10, *extra))
+        launches.append(
+            lambda run=run, extra=extra: deepspeed(
+                train_args(data_dir, run, "cpu_zero0.json", 10, *extra)
+            )
+        )
         out[name] = run
+    at_once(*launches)  # the two runs do not depend on each other
     return out
 
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -19,16 +20,53 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(REPO, "pretrain", "run.py")
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port, never one given before in this session: launches that start at the
+    same time must not pick the same one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
+
+
+def at_once(*calls):
+    """Call independent launches (zero-argument callables) at the same time, each in a
+    thread of its own, and return their results in order; an assertion failing in one is
+    raised here once all have ended. For much of a launch one process keeps one core busy
+    (the launcher importing DeepSpeed, then its child; ranks exiting): two launches at once
+    fill the other core."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
+
+
+def in_pairs(call, items):
+    """``[call(item) for item in items]``, two at a time (this machine has 2 cores)."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(call, items))
 
 
 def deepspeed(args, ranks=2, timeout=600, check=True):
     port = free_port()
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), RUN, *args]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    # its own process group: when the timeout fires, the ranks go with the launcher
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # DeepSpeed's CPU all-reduce workspaces (64 MiB of RAM per rank) must not outlive a run
@@ -83,21 +121,33 @@ def final_state(run_dir):
     return state["importance"]["table"], state["module"]
 
 
+# Steps of the stop-and-resume runs, stopped halfway, evaluated at the stop and at the end.
+# Exact resume needs only a few steps on each side of the checkpoint (the warm-up, 10 steps,
+# ends after the resume of a 16-step run); ZeRO-2 trains 40 for the checks of a whole run.
+RESUME_STEPS = {0: 16, 1: 16, 2: 40, 3: 16}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_stop_and_resume_equals_a_straight_run(data_dir, tmp_path, stage):
-    ds = f"cpu_zero{stage}.json"
+    steps = RESUME_STEPS[stage]
+    half = steps // 2
+    args = (f"cpu_zero{stage}.json", steps, "--eval-every", half)
     straight = tmp_path / "straight"
-    deepspeed(train_args(data_dir, straight, ds))
     split = tmp_path / "split"
-    first = deepspeed(train_args(data_dir, split, ds, 40, "--stop-at-step", 20))
-    assert "stopped (--stop-at-step) at step 20" in first.stderr
-    assert train_losses(split)[-1][0] == 20
-    second = deepspeed(train_args(data_dir, split, ds, 40, "--resume", "auto"))
+    # the straight run and the first half of the split one do not depend on each other
+    _, first = at_once(
+        lambda: deepspeed(train_args(data_dir, straight, *args)),
+        lambda: deepspeed(train_args(data_dir, split, *args, "--stop-at-step", half)),
+    )
+    assert f"stopped (--stop-at-step) at step {half}" in first.stderr
+    assert train_losses(split)[-1][0] == half
+    second = deepspeed(train_args(data_dir, split, *args, "--resume", "auto"))
     assert "resumed from" in second.stderr
 
     assert train_losses(straight) == train_losses(split), "bit-identical losses on CPU fp32"
-    assert len(train_losses(split)) == 40
+    assert len(train_losses(split)) == steps
+    assert [s for s, _, _ in val_losses(split)] == [half, steps]
     assert val_losses(straight) == val_losses(split)
     table_a, model_a = final_state(straight)
     table_b, model_b = final_state(split)
@@ -130,29 +180,30 @@ def single(args, **kw):
 
 @pytest.mark.slow
 def test_signal_checkpoints_and_the_resumed_run_continues_exactly(data_dir, tmp_path):
-    # the last 10 steps run without dropping (--full-seq-final), across the resume
-    args = ("cpu_zero0.json", 30, "--full-seq-final", 10)
+    # the last 6 steps run without dropping (--full-seq-final), across the resume
+    args = ("cpu_zero0.json", 20, "--full-seq-final", 6)
     straight = tmp_path / "straight"
-    assert single(train_args(data_dir, straight, *args)).returncode == 0
-
     out = tmp_path / "signalled"
-    proc = subprocess.Popen(
-        [sys.executable, RUN, *train_args(data_dir, out, *args)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and len(train_losses(out)) >= 5:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=300)
+    with ThreadPoolExecutor(1) as pool:  # the straight run alongside the signalled one
+        reference = pool.submit(single, train_args(data_dir, straight, *args))
+        proc = subprocess.Popen(
+            [sys.executable, RUN, *train_args(data_dir, out, *args)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if (out / "metrics.jsonl").exists() and len(train_losses(out)) >= 5:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=300)
+        assert reference.result().returncode == 0
     assert proc.returncode == 0, err[-2000:]
     stopped_at = train_losses(out)[-1][0]
-    assert 5 <= stopped_at < 30 and "stopped by a signal" in err
+    assert 5 <= stopped_at < 20 and "stopped by a signal" in err
     with open(out / "checkpoints" / "latest") as f:
         assert f.read().strip() == f"global_step{stopped_at:06d}"
 
@@ -160,7 +211,7 @@ def test_signal_checkpoints_and_the_resumed_run_continues_exactly(data_dir, tmp_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert train_losses(out) == train_losses(straight)
     kept = [r["kept_fraction"] for r in metrics(out) if "loss" in r]
-    assert kept == [0.5] * 20 + [1.0] * 10
+    assert kept == [0.5] * 14 + [1.0] * 6
 
 
 def one_line_error(result, *fragments):
@@ -182,20 +233,24 @@ def test_bad_configuration_fails_before_heavy_work(data_dir, tmp_path):
             args += [flag, str(value)]
         return args
 
-    one_line_error(single(with_("--keep-ratio", 1.5)), "--keep-ratio 1.5")
-    one_line_error(single(with_("--keep-ratio", 0)), "--keep-ratio 0")
-    one_line_error(single(with_("--data", tmp_path / "nope")), "nope", "no such data directory")
-    one_line_error(single(with_("--resume", tmp_path / "nowhere")), "--resume", "nowhere")
-
     short = tmp_path / "short.json"
     short.write_text(json.dumps({"preset": "tiny", "max_position_embeddings": 32}))
-    one_line_error(single(with_("--model", short)), "seq_len 64", "max_position_embeddings 32")
     vocab = tmp_path / "vocab.json"
     vocab.write_text(json.dumps({"preset": "tiny", "vocab_size": 30522}))
-    one_line_error(single(with_("--model", vocab)), "vocab_size 30522", "200")
     broken = tmp_path / "broken.json"
     broken.write_text('{"train_batch_size": 16,')
-    one_line_error(single(with_("--deepspeed_config", broken)), "broken.json", "not valid JSON")
+    cases = [
+        (with_("--keep-ratio", 1.5), ["--keep-ratio 1.5"]),
+        (with_("--keep-ratio", 0), ["--keep-ratio 0"]),
+        (with_("--data", tmp_path / "nope"), ["nope", "no such data directory"]),
+        (with_("--resume", tmp_path / "nowhere"), ["--resume", "nowhere"]),
+        (with_("--model", short), ["seq_len 64", "max_position_embeddings 32"]),
+        (with_("--model", vocab), ["vocab_size 30522", "200"]),
+        (with_("--deepspeed_config", broken), ["broken.json", "not valid JSON"]),
+    ]
+    results = in_pairs(single, [args for args, _ in cases])  # each its own process
+    for (_, fragments), result in zip(cases, results):
+        one_line_error(result, *fragments)
     assert not (tmp_path / "r").exists(), "nothing was started"
 
 
@@ -231,9 +286,13 @@ def test_bad_shards_are_one_line_errors_before_any_step(data_dir, tmp_path):
     if len(shards) > 1:
         replaced = broken_copy("replaced", replace_by_another_shard)
         cases.append((replaced, ["--verify-data"], "shard-00000.arrow", ""))
-    for data, extra, *fragments in cases:
+
+    def run_on(case):
+        data, extra, *_ = case
         out = tmp_path / f"run-{os.path.basename(data)}"
-        result = single([*train_args(data, out, "cpu_zero0.json", 10), *extra])
+        return out, single([*train_args(data, out, "cpu_zero0.json", 10), *extra])
+
+    for (_, _, *fragments), (out, result) in zip(cases, in_pairs(run_on, cases)):
         one_line_error(result, *fragments)
         assert not out.exists(), "nothing was started"
 
@@ -241,29 +300,28 @@ def test_bad_shards_are_one_line_errors_before_any_step(data_dir, tmp_path):
 @pytest.mark.slow
 def test_resume_onto_other_data_or_model_is_refused(data_dir, tmp_path):
     run = tmp_path / "run"
-    assert single(train_args(data_dir, run, "cpu_zero0.json", 4)).returncode == 0
-    other = make_data(tmp_path / "other", seed=22)
-    one_line_error(
-        single(train_args(other, run, "cpu_zero0.json", 8, "--resume", "auto")),
-        "cannot resume",
-        "other data",
-    )
+    with ThreadPoolExecutor(1) as pool:  # the other data is prepared while the run trains
+        trained = pool.submit(single, train_args(data_dir, run, "cpu_zero0.json", 4))
+        other = make_data(tmp_path / "other", seed=22)
+        assert trained.result().returncode == 0
     bigger = tmp_path / "bigger.json"
     bigger.write_text(json.dumps({"preset": "tiny", "hidden_size": 128}))
-    one_line_error(
-        single(
+    # three refused starts, each its own process; none of them writes anything
+    other_data, other_model, fresh = in_pairs(
+        single,
+        [
+            train_args(other, run, "cpu_zero0.json", 8, "--resume", "auto"),
             [
                 *train_args(data_dir, run, "cpu_zero0.json", 8, "--resume", "auto"),
                 "--model",
                 str(bigger),
-            ]
-        ),
-        "another model",
-        "hidden_size 64 vs 128",
+            ],
+            train_args(data_dir, run, "cpu_zero0.json", 8),
+        ],
     )
-    one_line_error(
-        single(train_args(data_dir, run, "cpu_zero0.json", 8)), "already holds checkpoints"
-    )
+    one_line_error(other_data, "cannot resume", "other data")
+    one_line_error(other_model, "another model", "hidden_size 64 vs 128")
+    one_line_error(fresh, "already holds checkpoints")
     # a checkpoint of the version before files.json and the per-index data order
     checkpoint = run / "checkpoints" / "global_step000004"
     (checkpoint / "files.json").unlink()
@@ -283,15 +341,18 @@ def test_resume_on_another_data_parallel_size_through_a_universal_checkpoint(dat
     deepspeed(train_args(data_dir, run, "cpu_zero2.json", 16, "--stop-at-step", 8))
     table_at_8, _ = final_state(run)
     resume = train_args(data_dir, run, "cpu_zero2.json", 16, "--resume", "auto")
-    one_line_error(single(resume), "written by 2 ranks, this run has 1", "pretrain.universal")
-
-    converted = subprocess.run(
-        [sys.executable, "-m", "pretrain.universal", str(run)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    # the refused resume reads global_step000008 (latest), the conversion writes beside it
+    refused, converted = at_once(
+        lambda: single(resume),
+        lambda: subprocess.run(
+            [sys.executable, "-m", "pretrain.universal", str(run)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ),
     )
+    one_line_error(refused, "written by 2 ranks, this run has 1", "pretrain.universal")
     assert converted.returncode == 0, converted.stderr[-2000:]
     universal = run / "checkpoints" / "global_step000008_universal"
     assert universal.is_dir()

@@ -14,7 +14,6 @@ finished and ends with the same bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shlex
 import sys
@@ -22,16 +21,18 @@ import time
 
 from data_prep.builtin_corpus import builtin_name
 from data_prep.errors import DataPrepError
+from data_prep.manifest import HUGGINGFACE
 from data_prep.phases import Job, run_phases
 from data_prep.sources import resolve_inputs
 from data_prep.state import discard_failed_run, prepare_output, settings_fingerprint
-from data_prep.tokenizer import load_tokenizer_file
+from data_prep.tokenizer import read_given_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_prep",
-        description="Turn raw text into a SentencePiece tokenizer and sharded Arrow token files.",
+        description="Turn raw text into a SentencePiece tokenizer (or take a given one) and "
+        "sharded Arrow token files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -48,13 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab-size",
         type=int,
         default=None,
-        help="pieces of the trained tokenizer (default 8000; with --tokenizer, the model's size)",
+        help="pieces of the trained tokenizer (default 8000; with --tokenizer, the "
+        "tokenizer's size)",
     )
     p.add_argument(
         "--tokenizer",
         metavar="MODEL",
-        help="use this SentencePiece model instead of "
-        "training one; it must have [PAD] [UNK] [CLS] [SEP] [MASK]",
+        help="use this tokenizer instead of training one: a SentencePiece model file with "
+        "[PAD] [UNK] [CLS] [SEP] [MASK], or a directory holding a Hugging Face fast "
+        "tokenizer (tokenizer.json or a BERT vocab.txt, e.g. the BERT to continue "
+        "pretraining) with pad, unk, cls, sep and mask tokens",
     )
     p.add_argument(
         "--model-type",
@@ -142,7 +146,7 @@ def run(args: argparse.Namespace, command: str) -> dict | None:
     _check_args(args)
     job = _job(args, command, started)
     shared = args.phase == "encode"  # array tasks run side by side in one DATA_DIR
-    if shared and not os.path.isfile(os.path.join(job.out, "tokenizer.model")):
+    if shared and not os.path.exists(job.tokenizer_path):
         raise DataPrepError(f"{job.out}: no tokenizer yet; run --phase tokenizer first")
     created, finished = prepare_output(job.out, job.settings, args.overwrite, shared)
     if finished is not None:
@@ -165,18 +169,15 @@ def _job(args: argparse.Namespace, command: str, started: float) -> Job:
     files = [s for s in args.input if not s.startswith("builtin:")]
     sources = resolve_inputs(files) if files else []
 
-    tokenizer_bytes, tokenizer_sp, tokenizer_sha = None, None, None
+    given = read_given_tokenizer(args.tokenizer) if args.tokenizer else None
     vocab_size = args.vocab_size or 8000
-    if args.tokenizer:
-        tokenizer_bytes, tokenizer_sp = load_tokenizer_file(args.tokenizer)
-        model_vocab = tokenizer_sp.get_piece_size()
-        if args.vocab_size is not None and args.vocab_size != model_vocab:
+    if given is not None:
+        if args.vocab_size is not None and args.vocab_size != given.vocab_size:
             raise DataPrepError(
                 f"--vocab-size {args.vocab_size} does not match {args.tokenizer} "
-                f"({model_vocab} pieces); leave --vocab-size out"
+                f"({given.vocab_size} tokens); leave --vocab-size out"
             )
-        vocab_size = model_vocab
-        tokenizer_sha = hashlib.sha256(tokenizer_bytes).hexdigest()
+        vocab_size = given.vocab_size
 
     return Job(
         args=args,
@@ -184,11 +185,12 @@ def _job(args: argparse.Namespace, command: str, started: float) -> Job:
         sources=sources,
         builtins=builtins,
         vocab_size=vocab_size,
-        settings=settings_fingerprint(args, sources, builtins, tokenizer_sha, vocab_size),
+        settings=settings_fingerprint(
+            args, sources, builtins, given.sha256 if given else None, vocab_size
+        ),
         command=command,
         started=started,
-        tokenizer_bytes=tokenizer_bytes,
-        tokenizer_sp=tokenizer_sp,
+        tokenizer=given,
     )
 
 
@@ -202,7 +204,7 @@ def _summary(manifest: dict, out: str) -> str:
             if st["invalid_utf8_replaced"]
             else ""
         ),
-        f"  tokenizer  {manifest['vocab_size']:,} pieces ({'trained' if manifest['tokenizer']['trained'] else 'given'}), "
+        f"  tokenizer  {manifest['vocab_size']:,} pieces ({_tokenizer_origin(manifest['tokenizer'])}), "
         f"specials {manifest['special_ids']}",
         f"  sequences  seq_len {manifest['seq_len']}, {manifest['dtype']}",
     ]
@@ -226,6 +228,12 @@ def _summary(manifest: dict, out: str) -> str:
         lines.append(line)
     lines.append(f"  inspect    python -m data_prep.inspect {out}")
     return "\n".join(lines)
+
+
+def _tokenizer_origin(section: dict) -> str:
+    if section.get("kind") == HUGGINGFACE:
+        return f"Hugging Face {section['class']}, given"
+    return "trained" if section["trained"] else "given"
 
 
 def main(argv: list[str] | None = None) -> int:

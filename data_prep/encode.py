@@ -20,10 +20,11 @@ import numpy as np
 
 from data_prep.atomic import atomic_file, write_atomic
 from data_prep.sources import Unit, Utf8Counter, iter_document_batches
+from data_prep.tokenizer import open_tokenizer
 
 SPLITS = ("train", "valid")
 
-_sp = None  # this worker's SentencePieceProcessor (one thread: workers are processes)
+_tokenizer = None  # this worker's data_prep.tokenizer object (one thread: workers are processes)
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,14 @@ def keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 256 << 20)
 
 
-def init_worker(model_bytes: bytes) -> None:
-    global _sp
-    import sentencepiece as spm
-
+def init_worker(data_dir: str, tokenizer: dict) -> None:
+    """Open DATA_DIR's tokenizer (phase 1 wrote it; ``tokenizer``: its manifest section)."""
+    global _tokenizer
     keep_freed_memory()
-
-    _sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    # a Hugging Face tokenizer's batches run on one thread, as SentencePiece's here:
+    # --workers decides how many cores encoding takes
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _tokenizer = open_tokenizer(data_dir, tokenizer)
 
 
 def valid_flags(docs: list[bytes], seed: int, valid_fraction: float) -> np.ndarray:
@@ -117,7 +119,7 @@ def encode_unit(unit: Unit, settings: EncodeSettings) -> dict:
     text_bytes = 0
 
     def encode_batch(batch: list[bytes], files: dict) -> None:
-        encoded = _sp.encode(batch, out_type="numpy", num_threads=1)  # int32 arrays
+        encoded = _tokenizer.encode_documents(batch)  # int32 arrays
         valid = valid_flags(batch, settings.seed, settings.valid_fraction)
         by_split = {"train": encoded, "valid": []}
         if valid.any():

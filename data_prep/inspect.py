@@ -6,20 +6,25 @@ import argparse
 import sys
 
 from data_prep.errors import DataPrepError
-from data_prep.manifest import load_manifest, open_shard
+from data_prep.manifest import HUGGINGFACE, load_manifest, open_shard
+from data_prep.tokenizer import open_tokenizer
 
 
 def describe(data_dir: str, samples: int = 3, split: str = "train", width: int = 400) -> str:
     """A human-readable summary of a data directory, with decoded sample sequences."""
-    import sentencepiece as spm
-
     manifest = load_manifest(data_dir)
     raw = manifest.raw
+    section = raw["tokenizer"]
+    tokenizer_name = (
+        f"{section['dir']}/ (Hugging Face {section['class']}: {', '.join(section['files'])})"
+        if manifest.tokenizer_kind == HUGGINGFACE
+        else section["file"]
+    )
     lines = [
         f"{manifest.data_dir}",
         f"  format {raw['format_version']}, seq_len {raw['seq_len']}, vocab {raw['vocab_size']:,} "
         f"({raw['dtype']}), special ids {raw['special_ids']}",
-        f"  tokenizer {raw['tokenizer']['file']} sha256 {raw['tokenizer']['sha256'][:16]}...",
+        f"  tokenizer {tokenizer_name} sha256 {section['sha256'][:16]}...",
         f"  made by: {raw.get('command', '?')}",
     ]
     for name, info in raw["splits"].items():
@@ -29,19 +34,19 @@ def describe(data_dir: str, samples: int = 3, split: str = "train", width: int =
         )
     if split not in raw["splits"] or not raw["splits"][split]["rows"]:
         return "\n".join(lines)
-    sp = spm.SentencePieceProcessor(model_file=manifest.tokenizer_path)
+    tokenizer = open_tokenizer(manifest.data_dir, section)
     rows = open_shard(manifest.shard_paths(split)[0], manifest.seq_len)
     for i in range(min(samples, len(rows))):
         ids = [int(t) for t in rows[i]]
         pieces = []
         for t in ids:  # show the special tokens, decode the text between them
             if t in manifest.special.all:
-                pieces.append(sp.id_to_piece(t))
+                pieces.append(tokenizer.ids_to_tokens([t])[0])
             elif pieces and isinstance(pieces[-1], list):
                 pieces[-1].append(t)
             else:
                 pieces.append([t])
-        text = " ".join(p if isinstance(p, str) else sp.decode(p) for p in pieces)
+        text = " ".join(p if isinstance(p, str) else tokenizer.decode(p) for p in pieces)
         if len(text) > width:
             text = text[:width] + " ..."
         lines.append(f"  {split}[{i}]: {text}")

@@ -5,7 +5,8 @@
   "format_version": 1,
   "seq_len": 128, "vocab_size": 8000, "dtype": "uint16",
   "special_ids": {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4},
-  "tokenizer": {"file": "tokenizer.model", "sha256": "...", "trained": true, ...},
+  "tokenizer": {"kind": "sentencepiece", "file": "tokenizer.model", "sha256": "...",
+                "trained": true, "source": null},
   "token_counts": {"file": "token_counts.arrow", "sha256": "..."},
   "splits": {"train": {"rows": R, "tokens": T, "docs": D,
                        "shards": [{"file": "train/shard-00000.arrow", "rows": r,
@@ -17,6 +18,12 @@
   "command": "python -m data_prep ..."
 }
 ```
+
+The tokenizer of a ``--tokenizer`` Hugging Face directory is recorded as
+``{"kind": "huggingface", "dir": "tokenizer", "class": "BertTokenizer", "files": {name:
+sha256}, "sha256": "...", "trained": false, "source": "..."}``: its files, copied
+unchanged into ``DATA_DIR/tokenizer/``, and one hash over them
+(:func:`data_prep.tokenizer.files_sha256`). A manifest without ``kind`` is sentencepiece.
 
 ``tokens`` counts non-padding positions. Shards are Arrow IPC files with one column
 ``input_ids: fixed_size_list<uint16|uint32>[seq_len]``.
@@ -36,6 +43,8 @@ from data_prep.atomic import write_atomic
 from data_prep.errors import DataPrepError
 
 MANIFEST = "manifest.json"
+# the kinds of tokenizer a manifest's "tokenizer" section names (data_prep.tokenizer)
+SENTENCEPIECE, HUGGINGFACE = "sentencepiece", "huggingface"
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,16 @@ class Manifest:
         return SpecialTokens(**self.raw["special_ids"])
 
     @property
+    def tokenizer_kind(self) -> str:
+        """``sentencepiece`` or ``huggingface`` (see data_prep.tokenizer)."""
+        return self.raw["tokenizer"].get("kind", SENTENCEPIECE)
+
+    @property
     def tokenizer_path(self) -> str:
-        return os.path.join(self.data_dir, self.raw["tokenizer"]["file"])
+        """The SentencePiece model file, or the Hugging Face tokenizer's directory."""
+        section = self.raw["tokenizer"]
+        name = section["dir"] if self.tokenizer_kind == HUGGINGFACE else section["file"]
+        return os.path.join(self.data_dir, name)
 
     @property
     def sha256(self) -> str:
@@ -189,8 +206,7 @@ def build_manifest(
     vocab_size: int,
     dtype: str,
     special: SpecialTokens,
-    tokenizer_sha256: str,
-    tokenizer_source: str | None,
+    tokenizer: dict,
     token_counts_sha256: str,
     splits: dict[str, dict],
     sources: list[dict],
@@ -200,7 +216,7 @@ def build_manifest(
 ) -> dict:
     """The manifest's fields, in the order they are written (the layout at the top).
 
-    ``tokenizer_source`` is the ``--tokenizer`` the user gave, or None for a trained one.
+    ``tokenizer`` is the tokenizer section phase 1 made (data_prep.phases.tokenizer_phase).
     """
     return {
         "format_version": FORMAT_VERSION,
@@ -208,12 +224,7 @@ def build_manifest(
         "vocab_size": vocab_size,
         "dtype": dtype,
         "special_ids": vars(special),
-        "tokenizer": {
-            "file": "tokenizer.model",
-            "sha256": tokenizer_sha256,
-            "trained": tokenizer_source is None,
-            "source": tokenizer_source,
-        },
+        "tokenizer": tokenizer,
         "token_counts": {"file": "token_counts.arrow", "sha256": token_counts_sha256},
         "splits": splits,
         "sources": sources,

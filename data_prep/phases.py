@@ -1,6 +1,7 @@
 """The three phases of a run, inside a DATA_DIR that :mod:`data_prep.state` prepared.
 
-1. tokenizer: trained on a seeded sample (or copied from ``--tokenizer``);
+1. tokenizer: trained on a seeded sample, or copied from ``--tokenizer`` (a SentencePiece
+   model to ``tokenizer.model``, a Hugging Face tokenizer's files to ``tokenizer/``);
 2. encode: parallel workers tokenize units of the corpus into ``.data_prep/unit-*``;
 3. pack: the units' streams, in corpus order, become ``train/`` and ``valid/`` shards,
    then ``token_counts.arrow`` and, last, ``manifest.json``.
@@ -24,16 +25,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.atomic import write_atomic
+from data_prep.atomic import TMP_MARK, replace_directory, write_atomic
 from data_prep.builtin_corpus import write_builtin
 from data_prep.encode import SPLITS, EncodeSettings, encode_unit, init_worker, unit_done, unit_paths
 from data_prep.errors import DataPrepError
-from data_prep.manifest import SpecialTokens, build_manifest, write_manifest
+from data_prep.manifest import (
+    HUGGINGFACE,
+    SENTENCEPIECE,
+    SpecialTokens,
+    build_manifest,
+    write_manifest,
+)
 from data_prep.pack import ShardWriter, write_token_counts
 from data_prep.progress import Progress
 from data_prep.sources import Source, Unit, resolve_inputs
 from data_prep.state import WORK_DIR, unit_plan
-from data_prep.tokenizer import open_model, special_ids, train_tokenizer, vocab_text
+from data_prep.tokenizer import (
+    HF_DIR,
+    SP_MODEL_FILE,
+    GivenTokenizer,
+    file_hashes,
+    open_model,
+    open_tokenizer,
+    train_tokenizer,
+    vocab_text,
+)
 
 
 @dataclass(frozen=True)
@@ -48,12 +64,17 @@ class Job:
     settings: dict  # data_prep.state.settings_fingerprint
     command: str  # as the manifest records it
     started: float  # time.time() at the start of the run
-    tokenizer_bytes: bytes | None = None  # the --tokenizer model, if one was given
-    tokenizer_sp: object = None  # ... and its SentencePieceProcessor
+    tokenizer: GivenTokenizer | None = None  # the --tokenizer, if one was given
 
     @property
     def work(self) -> str:
         return os.path.join(self.out, WORK_DIR)
+
+    @property
+    def tokenizer_path(self) -> str:
+        """Where phase 1 puts the tokenizer: ``tokenizer.model`` or ``tokenizer/``."""
+        hf = self.tokenizer is not None and self.tokenizer.kind == HUGGINGFACE
+        return os.path.join(self.out, HF_DIR if hf else SP_MODEL_FILE)
 
 
 def run_phases(job: Job) -> dict | None:
@@ -66,7 +87,7 @@ def run_phases(job: Job) -> dict | None:
         raise DataPrepError("the inputs hold no text (every file is empty)")
     units = unit_plan(job.work, sources, args.unit_mb, args.workers, total_bytes)
 
-    model_bytes, special = tokenizer_phase(job, sources)
+    tokenizer, special = tokenizer_phase(job, sources)
     dtype = "uint16" if job.vocab_size <= 65535 else "uint32"
     enc = EncodeSettings(
         job.work, args.text_field, args.seed, args.valid_fraction, dtype, special.sep
@@ -75,10 +96,12 @@ def run_phases(job: Job) -> dict | None:
         return None
     if args.phase == "encode":
         mine = [u for u in units if u.index % args.task_count == args.task_index]
-        for _ in encode_in_order(mine, enc, model_bytes, args.workers, sum(u.nbytes for u in mine)):
+        for _ in encode_in_order(
+            mine, enc, job.out, tokenizer, args.workers, sum(u.nbytes for u in mine)
+        ):
             pass
         return None
-    return encode_and_pack(job, sources, units, enc, model_bytes, special, total_bytes)
+    return encode_and_pack(job, sources, units, enc, tokenizer, special, total_bytes)
 
 
 def _with_builtins(job: Job) -> list[Source]:
@@ -92,54 +115,107 @@ def _with_builtins(job: Job) -> list[Source]:
     return resolve_inputs(builtin_files) + job.sources
 
 
-def tokenizer_phase(job: Job, sources: list[Source]) -> tuple[bytes, SpecialTokens]:
-    """Phase 1: ``tokenizer.model`` and ``tokenizer.vocab`` in DATA_DIR, trained on a
+def tokenizer_phase(job: Job, sources: list[Source]) -> tuple[dict, SpecialTokens]:
+    """Phase 1: the tokenizer in DATA_DIR; returns its manifest section and special ids.
+
+    A SentencePiece model (``tokenizer.model`` and ``tokenizer.vocab``) is trained on a
     sample of ``sources`` or copied from ``--tokenizer``; a model already there (from an
-    earlier run or the tokenizer job) is kept. Returns the model's bytes and special ids."""
+    earlier run or the tokenizer job) is kept. A Hugging Face tokenizer's files are
+    copied into ``tokenizer/``, unless it holds them already.
+    """
+    args, given = job.args, job.tokenizer
+    if given is not None and given.kind == HUGGINGFACE:
+        hashes = file_hashes(given.files)
+        if _stored_hashes(job.tokenizer_path) != hashes:
+            tmp = os.path.join(job.work, f"{HF_DIR}{TMP_MARK}{os.getpid()}")
+            os.makedirs(tmp)
+            for name, data in given.files.items():
+                write_atomic(os.path.join(tmp, name), data)
+            replace_directory(tmp, job.tokenizer_path)
+        section = {
+            "kind": HUGGINGFACE,
+            "dir": HF_DIR,
+            "class": given.hf_class,
+            "files": hashes,
+            "sha256": given.sha256,
+            "trained": False,
+            "source": given.source,
+        }
+    else:
+        model_bytes = _sentencepiece_model(job, sources)
+        section = {
+            "kind": SENTENCEPIECE,
+            "file": SP_MODEL_FILE,
+            "sha256": hashlib.sha256(model_bytes).hexdigest(),
+            "trained": given is None,
+            "source": args.tokenizer,
+        }
+    tokenizer = open_tokenizer(job.out, section)
+    return section, SpecialTokens(**tokenizer.special_ids())
+
+
+def _stored_hashes(folder: str) -> dict[str, str] | None:
+    if not os.path.isdir(folder):
+        return None
+    files = {}
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            files[name] = f.read()
+    return file_hashes(files)
+
+
+def _sentencepiece_model(job: Job, sources: list[Source]) -> bytes:
+    """``tokenizer.model`` (and ``tokenizer.vocab``): kept, copied or trained; its bytes."""
     args = job.args
-    model_bytes, sp = job.tokenizer_bytes, job.tokenizer_sp
-    model_path = os.path.join(job.out, "tokenizer.model")
+    model_path = job.tokenizer_path
     if os.path.exists(model_path):
         with open(model_path, "rb") as f:
-            found = f.read()
-        if found != model_bytes:
-            model_bytes, sp = found, open_model(found, model_path)
+            return f.read()
+    if job.tokenizer is not None:
+        model_bytes = job.tokenizer.files[SP_MODEL_FILE]
     else:
-        if model_bytes is None:
-            print(
-                f"data_prep: training a {args.model_type} tokenizer of {job.vocab_size} pieces "
-                f"on up to {args.tokenizer_sample_mb:g} MB of the corpus",
-                file=sys.stderr,
-            )
-            model_bytes = train_tokenizer(
-                sources,
-                job.vocab_size,
-                args.model_type,
-                int(args.tokenizer_sample_mb * 1e6),
-                args.seed,
-                args.text_field,
-                args.character_coverage,
-                args.byte_fallback,
-            )
-            sp = open_model(model_bytes, model_path)
-        write_atomic(os.path.join(job.out, "tokenizer.vocab"), vocab_text(sp))
-        write_atomic(model_path, model_bytes)
-    return model_bytes, SpecialTokens(**special_ids(sp, model_path))
+        print(
+            f"data_prep: training a {args.model_type} tokenizer of {job.vocab_size} pieces "
+            f"on up to {args.tokenizer_sample_mb:g} MB of the corpus",
+            file=sys.stderr,
+        )
+        model_bytes = train_tokenizer(
+            sources,
+            job.vocab_size,
+            args.model_type,
+            int(args.tokenizer_sample_mb * 1e6),
+            args.seed,
+            args.text_field,
+            args.character_coverage,
+            args.byte_fallback,
+        )
+    write_atomic(
+        os.path.join(job.out, "tokenizer.vocab"), vocab_text(open_model(model_bytes, model_path))
+    )
+    write_atomic(model_path, model_bytes)
+    return model_bytes
 
 
 def encode_in_order(
-    units: list[Unit], enc: EncodeSettings, model_bytes: bytes, workers: int, total_bytes: int
+    units: list[Unit],
+    enc: EncodeSettings,
+    data_dir: str,
+    tokenizer: dict,
+    workers: int,
+    total_bytes: int,
 ) -> Iterator[dict]:
     """Phase 2: yield every unit's stats in unit order, encoding those not done yet in
-    parallel."""
+    parallel with DATA_DIR's tokenizer (``tokenizer``: its manifest section)."""
     done_bytes = sum(u.nbytes for u in units if unit_done(enc.work_dir, u.index) is not None)
     if workers == 1:
-        init_worker(model_bytes)
+        init_worker(data_dir, tokenizer)
         results = (encode_unit(u, enc) for u in units)
         pool = None
     else:
         ctx = multiprocessing.get_context("fork")
-        pool = ctx.Pool(min(workers, len(units)), initializer=init_worker, initargs=(model_bytes,))
+        pool = ctx.Pool(
+            min(workers, len(units)), initializer=init_worker, initargs=(data_dir, tokenizer)
+        )
         results = pool.imap(_encode_in_worker, [(u, enc) for u in units])
     progress = Progress(total_bytes, done_bytes)
     try:
@@ -161,7 +237,7 @@ def encode_and_pack(
     sources: list[Source],
     units: list[Unit],
     enc: EncodeSettings,
-    model_bytes: bytes,
+    tokenizer: dict,
     special: SpecialTokens,
     total_bytes: int,
 ) -> dict:
@@ -184,7 +260,7 @@ def encode_and_pack(
     }
     stats = []
     encode_started = time.time()
-    for st in encode_in_order(units, enc, model_bytes, args.workers, total_bytes):
+    for st in encode_in_order(units, enc, job.out, tokenizer, args.workers, total_bytes):
         if not stats:
             # pyarrow, for the shards: loaded while the workers encode the next units
             import pyarrow  # noqa: F401
@@ -212,8 +288,7 @@ def encode_and_pack(
         vocab_size=job.vocab_size,
         dtype=dtype,
         special=special,
-        tokenizer_sha256=hashlib.sha256(model_bytes).hexdigest(),
-        tokenizer_source=args.tokenizer,
+        tokenizer=tokenizer,
         token_counts_sha256=counts_sha,
         splits=splits,
         sources=[{"path": f"builtin:{b}"} for b in job.builtins]

@@ -28,6 +28,7 @@ OUR_FILES = (
     MANIFEST,
     "tokenizer.model",
     "tokenizer.vocab",
+    "tokenizer",  # a Hugging Face tokenizer's files
     "token_counts.arrow",
     "train",
     "valid",
@@ -42,7 +43,8 @@ def settings_fingerprint(
     tokenizer_sha: str | None,
     vocab_size: int,
 ) -> dict:
-    """Everything the output bytes depend on (workers and unit sizes do not)."""
+    """Everything the output bytes depend on (workers and unit sizes do not).
+    ``tokenizer_sha``: a given tokenizer's hash (GivenTokenizer.sha256), None to train one."""
     return {
         "format_version": FORMAT_VERSION,
         "seq_len": args.seq_len,
@@ -119,8 +121,11 @@ def prepare_output(
     for sub in [] if shared else [WORK_DIR, *SPLITS]:
         folder = os.path.join(out, sub)
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if TMP_MARK in name:
-                os.remove(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            if TMP_MARK in name and os.path.isdir(path):  # a tokenizer/ being copied
+                shutil.rmtree(path)
+            elif TMP_MARK in name:
+                os.remove(path)
     write_atomic(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
     return created, None
 

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from data_prep.atomic import TMP_MARK, write_atomic
 from data_prep.manifest import file_sha256
-from pretrain.config import ConfigError
+from pretrain.config import FREE_MODEL_FIELDS, ConfigError
 from pretrain.distributed import launcher_world_size
 
 LATEST = "latest"
@@ -243,9 +243,8 @@ def check_compatible(state: dict, resolved: dict, where: str) -> None:
         if old["data"][key] != new["data"][key]:
             problems.append(f"{key} {old['data'][key]} vs {new['data'][key]}")
     # regularisation and kernels change no weight: a resumed run may set them anew
-    free = ("dropout", "attention_dropout", "kernels")
-    old_model = {k: v for k, v in old["model"].items() if k not in free}
-    new_model = {k: v for k, v in new["model"].items() if k not in free}
+    old_model = {k: v for k, v in old["model"].items() if k not in FREE_MODEL_FIELDS}
+    new_model = {k: v for k, v in new["model"].items() if k not in FREE_MODEL_FIELDS}
     if old_model != new_model:
         diff = [k for k in new_model if old_model.get(k) != new_model[k]]
         problems.append(

@@ -16,15 +16,20 @@ TensorBoard ``output_path`` (= RUN_DIR). The resolved pair is written to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 from data_prep.errors import DataPrepError
 from data_prep.manifest import Manifest, load_manifest, verify_shards
 from pretrain.distributed import launcher_world_size
 from pretrain.importance import STRATEGIES
 from pretrain.model import PRESETS, ModelConfig, num_kept_tokens
+
+if TYPE_CHECKING:
+    from pretrain.init_from import InitSource
 
 
 class ConfigError(Exception):
@@ -38,7 +43,9 @@ class RunConfig:
     data: str  # DATA_DIR made by data_prep
     output: str  # RUN_DIR
     deepspeed_config: str
-    model: str = "bert-base"  # preset name or a JSON file of ModelConfig fields
+    model: str | None = None  # preset name or a JSON file of ModelConfig fields; None: bert-base
+    init_from: str | None = None  # a checkpoint or Hugging Face BERT to start a new run from
+    extend_positions: str | None = None  # copy | random: rows beyond SOURCE's positions
     train_steps: int = 1000  # optimizer steps of the whole schedule
     token_drop: str = "loss_ema"
     keep_ratio: float = 0.5
@@ -74,7 +81,13 @@ _HELP = {
     "data": "DATA_DIR written by python -m data_prep",
     "output": "RUN_DIR: config.json, metrics.jsonl, checkpoints/, tensorboard/",
     "deepspeed_config": "DeepSpeed JSON (batch sizes, optimizer, schedule, precision, ZeRO)",
-    "model": f"preset ({', '.join(PRESETS)}) or a JSON file of model config fields",
+    "model": f"preset ({', '.join(PRESETS)}) or a JSON file of model config fields "
+    "(default bert-base; with --init-from, SOURCE's model, which --model may only restate)",
+    "init_from": "start a new run (step 0, new optimizer and schedule) from the weights of "
+    "SOURCE: a run directory or checkpoint of this project, or a Hugging Face BERT directory "
+    "(BertForMaskedLM or BertForPreTraining)",
+    "extend_positions": "with --init-from, when the data's seq_len exceeds SOURCE's position "
+    "embeddings: copy (new rows repeat the learned ones) or random (drawn as at initialisation)",
     "train_steps": "optimizer steps of the whole schedule",
     "token_drop": "importance strategy; none = the dense baseline",
     "keep_ratio": "fraction of positions the middle layers keep, in (0, 1]",
@@ -120,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["default"] = f.default
         if f.name == "token_drop":
             kwargs["choices"] = tuple(STRATEGIES)
+        if f.name == "extend_positions":
+            kwargs["choices"] = ("copy", "random")
         if f.type in (bool, "bool"):
             p.add_argument(flag, dest=f.name, action="store_true", **kwargs)
             continue
@@ -149,6 +164,7 @@ class ResolvedRun:
     manifest: Manifest
     deepspeed: dict
     kept_tokens: int  # K; seq_len for a strategy that does not drop
+    init: InitSource | None = None  # --init-from: where the weights come from
 
     def to_dict(self) -> dict:
         return {
@@ -159,9 +175,11 @@ class ResolvedRun:
                 "manifest_sha256": self.manifest.sha256,
                 "seq_len": self.manifest.seq_len,
                 "vocab_size": self.manifest.vocab_size,
+                "tokenizer_sha256": self.manifest.raw["tokenizer"]["sha256"],
             },
             "deepspeed": self.deepspeed,
             "kept_tokens": self.kept_tokens,
+            "init_from": None if self.init is None else self.init.to_dict(),
         }
 
 
@@ -193,13 +211,26 @@ def resolve(run: RunConfig) -> ResolvedRun:
         raise ConfigError(f"--full-seq-final {run.full_seq_final}: must be within --train-steps")
     if run.resume not in (None, "auto") and not os.path.exists(run.resume):
         raise ConfigError(f"--resume {run.resume}: no such checkpoint")
+    if run.init_from is not None and run.resume not in (None, "auto"):
+        raise ConfigError(
+            f"--init-from {run.init_from} starts a new run, --resume {run.resume} continues "
+            "one: give one of them"
+        )
+    if run.extend_positions is not None and run.init_from is None:
+        raise ConfigError("--extend-positions needs --init-from (it extends SOURCE's positions)")
+    if run.model is None and run.init_from is None:
+        run.model = "bert-base"
 
     try:
         manifest = load_manifest(run.data)
         _verify_data(manifest, run.verify_data)
     except DataPrepError as e:
         raise ConfigError(f"--data: {e}") from None
-    model = _model_config(run, manifest)
+    init = None
+    if run.init_from is None:
+        model = _model_config(run, manifest)
+    else:
+        init, model = _init_model_config(run, manifest)
     deepspeed = load_deepspeed_config(run)
     _check_apex(run, model, deepspeed)
     if manifest.seq_len > model.max_position_embeddings:
@@ -215,7 +246,7 @@ def resolve(run: RunConfig) -> ResolvedRun:
         raise ConfigError(f"--keep-ratio {run.keep_ratio} keeps every token; use --token-drop none")
     if not drops and run.keep_ratio != 0.5 and run.keep_ratio != 1:
         raise ConfigError("--keep-ratio has no effect with --token-drop none; leave it out")
-    return ResolvedRun(run, model, manifest, deepspeed, kept)
+    return ResolvedRun(run, model, manifest, deepspeed, kept, init)
 
 
 def _check_apex(run: RunConfig, model: ModelConfig, ds: dict) -> None:
@@ -293,6 +324,70 @@ def _model_config(run: RunConfig, manifest: Manifest) -> ModelConfig:
     except (ValueError, json.JSONDecodeError) as e:
         raise ConfigError(f"--model {run.model}: {e}") from None
     return model
+
+
+# model config fields that change no weight: a resumed or initialised run may set them anew
+FREE_MODEL_FIELDS = ("dropout", "attention_dropout", "kernels")
+
+
+def _init_model_config(run: RunConfig, manifest: Manifest) -> tuple[InitSource, ModelConfig]:
+    """SOURCE's model (:mod:`pretrain.init_from`) with what ``--model`` and ``--dropout`` may
+    set: the fields that change no weight. A ``--model`` that states another architecture
+    is an error. ``--resume auto`` on a RUN_DIR with checkpoints takes the recorded ones."""
+    from pretrain import init_from
+
+    found = init_from.recorded_source(run.output, run.init_from) if run.resume else None
+    if found is None:
+        found = init_from.inspect_source(
+            run.init_from, manifest, run.token_drop, run.extend_positions
+        )
+    source, model = found
+    given = {} if run.model is None else _given_model_fields(run.model)
+    if "vocab_size" in given and given["vocab_size"] != manifest.vocab_size:
+        raise ConfigError(
+            f"--model {run.model}: vocab_size {given['vocab_size']} does not match the data's "
+            f"vocabulary of {manifest.vocab_size}"
+        )
+    given.pop("vocab_size", None)
+    differ = [
+        f"{k} {v} vs {getattr(model, k)}"
+        for k, v in given.items()
+        if k not in FREE_MODEL_FIELDS and getattr(model, k) != v
+    ]
+    if differ:
+        raise ConfigError(
+            f"--model {run.model} disagrees with --init-from {run.init_from} ("
+            + ", ".join(differ)
+            + "); leave --model out, the model comes from SOURCE"
+        )
+    overrides = {k: v for k, v in given.items() if k in FREE_MODEL_FIELDS}
+    if run.dropout is not None:
+        overrides["dropout"] = run.dropout
+    try:
+        return source, dataclasses.replace(model, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"--model {run.model}: {e}") from None
+
+
+def _given_model_fields(name: str) -> dict:
+    """The model config fields a ``--model`` states: a preset's, or a JSON file's keys
+    (with its ``"preset"`` expanded)."""
+    if name in PRESETS:
+        return dict(PRESETS[name])
+    try:
+        with open(name) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--model {name}: neither a preset ({', '.join(PRESETS)}) nor a JSON file"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model {name}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--model {name}: must hold a JSON object")
+    preset = data.pop("preset", None)
+    base = {} if preset is None else dict(PRESETS.get(preset, {}))
+    return {**base, **data}
 
 
 def load_deepspeed_config(run: RunConfig) -> dict:

@@ -7,9 +7,11 @@ Reads any checkpoint the trainer writes and writes a directory that
 ``AutoModelForMaskedLM``, ``AutoModel`` and ``AutoTokenizer`` load offline:
 
     config.json, model.safetensors   a BertForMaskedLM: the encoder and the MLM head (its bias too)
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json
-                                     the data's SentencePiece model as a fast tokenizer
-                                     (pretrain.hf_tokenizer), the manifest's special ids
+    tokenizer.json, tokenizer_config.json, ...
+                                     the data's tokenizer: a SentencePiece model converted
+                                     to a fast tokenizer (pretrain.hf_tokenizer), the
+                                     manifest's special ids; a Hugging Face tokenizer
+                                     (data_prep --tokenizer DIR): its files, byte for byte
     importance_table.tsv             token_id, piece, count in the train split, score
     README.md                        a model card: data, steps, token dropping, validation loss
 
@@ -46,7 +48,8 @@ import torch  # noqa: E402
 
 from data_prep.atomic import TMP_MARK, replace_directory  # noqa: E402
 from data_prep.errors import DataPrepError  # noqa: E402
-from data_prep.manifest import Manifest, load_manifest  # noqa: E402
+from data_prep.manifest import HUGGINGFACE, Manifest, load_manifest  # noqa: E402
+from data_prep.tokenizer import open_tokenizer  # noqa: E402
 from pretrain.checkpoint import CheckpointRef, find_checkpoint, verify  # noqa: E402
 from pretrain.config import ConfigError  # noqa: E402
 from pretrain.model import BertForTokenDropPretraining, ModelConfig, hf_bert_state_dict  # noqa: E402
@@ -228,10 +231,38 @@ def _manifest_of(state: dict, data_dir: str | None) -> Manifest:
     return manifest
 
 
-def _table_rows(client: dict, manifest: Manifest, tokenizer) -> list[list]:
+def _data_tokenizer(manifest: Manifest, model_max_length: int):
+    """(write(out_dir), the token of every id): the data's tokenizer as the export holds it.
+
+    Hugging Face data: its own files, byte for byte (checked against the manifest's
+    hashes), so the model keeps exactly the tokenizer it was pretrained with. SentencePiece
+    data: converted to a fast tokenizer, ``model_max_length`` the model's positions.
+    """
+    from pretrain.hf_tokenizer import TokenizerConversionError, build_fast_tokenizer
+
+    section = manifest.raw["tokenizer"]
+    try:
+        if manifest.tokenizer_kind == HUGGINGFACE:
+            pieces = open_tokenizer(manifest.data_dir, section).vocabulary()
+
+            def write(out_dir: str) -> None:
+                for name in section["files"]:
+                    shutil.copyfile(
+                        os.path.join(manifest.tokenizer_path, name), os.path.join(out_dir, name)
+                    )
+
+            return write, pieces
+        tokenizer = build_fast_tokenizer(manifest.data_dir, model_max_length)
+    except (DataPrepError, TokenizerConversionError) as e:
+        raise ExportError(str(e)) from None
+    return tokenizer.save_pretrained, tokenizer.convert_ids_to_tokens(
+        list(range(manifest.vocab_size))
+    )
+
+
+def _table_rows(client: dict, manifest: Manifest, pieces: list[str]) -> list[list]:
     table = client["importance"]["table"].tolist()
     counts = manifest.token_counts()
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(table))))
     return [[i, pieces[i], int(counts[i]), f"{score:.6g}"] for i, score in enumerate(table)]
 
 
@@ -258,6 +289,13 @@ def _model_card(state: dict, manifest: Manifest, validation: dict | None) -> str
         if validation
         else "not measured"
     )
+    section = manifest.raw["tokenizer"]
+    tokenizer = (
+        f"Hugging Face `{section['class']}`, the data's own files, unchanged: "
+        + ", ".join(f"`{name}`" for name in section["files"])
+        if manifest.tokenizer_kind == HUGGINGFACE
+        else "SentencePiece, converted to `tokenizer.json`"
+    )
     drop = (
         "none (dense)"
         if run["token_drop"] == "none"
@@ -281,7 +319,7 @@ a standard BERT: inference and fine-tuning see every token.
 |---|---|
 | model | {model["num_layers"]} layers, hidden {model["hidden_size"]}, {model["num_heads"]} heads, FFN {model["intermediate_size"]}, vocabulary {model["vocab_size"]} |
 | data | `{manifest.data_dir}` (manifest sha256 {manifest.sha256[:12]}), {train["tokens"]:,} train tokens in sequences of {manifest.seq_len} |
-| tokenizer | SentencePiece, converted to `tokenizer.json` |
+| tokenizer | {tokenizer} |
 | steps | {state["step"]} of {run["train_steps"]} ({state["consumed_samples"]:,} sequences seen) |
 | token dropping | {drop} |
 | validation MLM loss | {val} (full sequence, 15% masking) |
@@ -302,8 +340,6 @@ def export_run(
     returns ``out_dir``. Raises ExportError."""
     from transformers import BertForMaskedLM
 
-    from pretrain.hf_tokenizer import TokenizerConversionError, build_fast_tokenizer
-
     out_dir = os.path.abspath(out_dir.rstrip("/"))
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ExportError(f"--output {out_dir} exists and is not empty; pass --overwrite")
@@ -314,10 +350,7 @@ def export_run(
     config = hf_config(model.cfg, manifest)
     hf = BertForMaskedLM(config)
     hf.load_state_dict(hf_bert_state_dict(model), strict=True)
-    try:
-        tokenizer = build_fast_tokenizer(manifest.data_dir, model.cfg.max_position_embeddings)
-    except (DataPrepError, TokenizerConversionError) as e:
-        raise ExportError(str(e)) from None
+    write_tokenizer, pieces = _data_tokenizer(manifest, model.cfg.max_position_embeddings)
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -326,11 +359,11 @@ def export_run(
     tmp = f"{out_dir}{TMP_MARK}{os.getpid()}"
     try:
         hf.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write_tokenizer(tmp)
         with open(os.path.join(tmp, TABLE_FILE), "w", newline="") as f:
             writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
             writer.writerow(["token_id", "piece", "count", "score"])
-            writer.writerows(_table_rows(client, manifest, tokenizer))
+            writer.writerows(_table_rows(client, manifest, pieces))
         card = _model_card(state, manifest, _final_validation(run_dir, state["step"]))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card)

@@ -43,7 +43,7 @@ from transformers.convert_slow_tokenizer import (
     import_protobuf,
 )
 
-from data_prep.manifest import load_manifest
+from data_prep.manifest import SENTENCEPIECE, load_manifest
 
 # SentencePiece's enums (sentencepiece_model.proto)
 _NORMAL, _UNKNOWN, _CONTROL = 1, 2, 3
@@ -67,6 +67,11 @@ def build_fast_tokenizer(data_dir: str, model_max_length: int) -> PreTrainedToke
     ``TokenizerConversionError`` for a tokenizer this conversion would not reproduce.
     """
     manifest = load_manifest(data_dir)
+    if manifest.tokenizer_kind != SENTENCEPIECE:
+        raise TokenizerConversionError(
+            f"{data_dir}: its tokenizer is a Hugging Face tokenizer already "
+            f"({manifest.tokenizer_path}); there is nothing to convert"
+        )
     model_path = manifest.tokenizer_path
     proto = _read_model(model_path, manifest.raw["tokenizer"].get("sha256"))
     ids = dataclasses.asdict(manifest.special)  # {"pad": 0, "unk": 1, ...}

@@ -146,6 +146,25 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_hf_bert_config(cls, hf) -> ModelConfig:
+        """The config of a ``transformers.BertConfig``'s network (the inverse of
+        :meth:`to_hf_bert_config`); raises ValueError for one this model cannot be."""
+        attention = hf.attention_probs_dropout_prob
+        return cls(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            intermediate_size=hf.intermediate_size,
+            max_position_embeddings=hf.max_position_embeddings,
+            type_vocab_size=hf.type_vocab_size,
+            dropout=hf.hidden_dropout_prob,
+            attention_dropout=None if attention == hf.hidden_dropout_prob else attention,
+            layer_norm_eps=hf.layer_norm_eps,
+            initializer_range=hf.initializer_range,
+        )
+
     def to_hf_bert_config(self) -> dict:
         """Keyword arguments for ``transformers.BertConfig`` describing the same network."""
         return dict(
@@ -628,8 +647,18 @@ class BertForTokenDropPretraining(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Hugging Face naming (export)
+# Hugging Face naming (export, and --init-from a Hugging Face BERT)
 # ---------------------------------------------------------------------------------------
+
+
+# an encoder layer's modules here -> in transformers' BertLayer (Q, K, V aside: fused here)
+_HF_LAYER_NAMES = {
+    "attn_out": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
 
 
 def hf_bert_state_dict(model: BertForTokenDropPretraining) -> dict[str, torch.Tensor]:
@@ -659,16 +688,44 @@ def hf_bert_state_dict(model: BertForTokenDropPretraining) -> dict[str, torch.Te
             out[f"{hf}attention.self.query.{name}"] = q
             out[f"{hf}attention.self.key.{name}"] = k
             out[f"{hf}attention.self.value.{name}"] = v
-        renames = {
-            "attn_out": "attention.output.dense",
-            "attn_norm": "attention.output.LayerNorm",
-            "ffn_in": "intermediate.dense",
-            "ffn_out": "output.dense",
-            "ffn_norm": "output.LayerNorm",
-        }
-        for src, dst in renames.items():
+        for src, dst in _HF_LAYER_NAMES.items():
             out[f"{hf}{dst}.weight"] = sd[f"{ours}{src}.weight"]
             out[f"{hf}{dst}.bias"] = sd[f"{ours}{src}.bias"]
+    return out
+
+
+def from_hf_bert_state_dict(
+    hf: dict[str, torch.Tensor], num_layers: int
+) -> dict[str, torch.Tensor]:
+    """``transformers`` BERT weights (``bert.*`` and ``cls.predictions.*`` names, as
+    :func:`hf_bert_state_dict` writes them) under this model's names, Q, K and V fused; the
+    inverse of :func:`hf_bert_state_dict`. The pooler and the next-sentence head have no
+    counterpart and are not read. Raises KeyError naming the first weight that is missing."""
+    out = {
+        "embeddings.word_embeddings.weight": hf["bert.embeddings.word_embeddings.weight"],
+        "embeddings.position_embeddings.weight": hf["bert.embeddings.position_embeddings.weight"],
+        "embeddings.token_type_embeddings.weight": hf[
+            "bert.embeddings.token_type_embeddings.weight"
+        ],
+        "embeddings.norm.weight": hf["bert.embeddings.LayerNorm.weight"],
+        "embeddings.norm.bias": hf["bert.embeddings.LayerNorm.bias"],
+        "mlm_head.dense.weight": hf["cls.predictions.transform.dense.weight"],
+        "mlm_head.dense.bias": hf["cls.predictions.transform.dense.bias"],
+        "mlm_head.norm.weight": hf["cls.predictions.transform.LayerNorm.weight"],
+        "mlm_head.norm.bias": hf["cls.predictions.transform.LayerNorm.bias"],
+        # tied to the word embeddings, as in BERT
+        "mlm_head.decoder.weight": hf["bert.embeddings.word_embeddings.weight"],
+        "mlm_head.decoder.bias": hf["cls.predictions.bias"],
+    }
+    for i in range(num_layers):
+        ours, name = f"encoder.layers.{i}.", f"bert.encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{ours}qkv.{kind}"] = torch.cat(
+                [hf[f"{name}attention.self.{part}.{kind}"] for part in ("query", "key", "value")]
+            )
+        for src, dst in _HF_LAYER_NAMES.items():
+            out[f"{ours}{src}.weight"] = hf[f"{name}{dst}.weight"]
+            out[f"{ours}{src}.bias"] = hf[f"{name}{dst}.bias"]
     return out
 
 
@@ -695,6 +752,7 @@ __all__ = [
     "apply_output_layer",
     "count_parameters",
     "gather_tokens",
+    "from_hf_bert_state_dict",
     "hf_bert_state_dict",
     "layer_plan",
     "layer_split",

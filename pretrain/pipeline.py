@@ -186,17 +186,17 @@ def pipeline_parameter_names(cfg: ModelConfig) -> list[dict[str, str]]:
 
 
 def build_pipeline(
-    cfg: ModelConfig, num_stages: int, seq_len: int, keep_ratio: float, loss, seed: int
+    full: BertForTokenDropPretraining, num_stages: int, seq_len: int, keep_ratio: float, loss
 ):
-    """A ``PipelineModule`` of the token-dropped encoder (see the module docstring).
+    """A ``PipelineModule`` of the token-dropped encoder (see the module docstring), made of
+    the modules of ``full``, which holds the initial weights.
 
     Returns (module, stage boundaries, stage shares): each stage's fraction of the FLOPs.
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime import utils as ds_utils
 
-    torch.manual_seed(seed)
-    full = BertForTokenDropPretraining(cfg)  # the same initial weights as a data-parallel run
+    cfg = full.cfg
     wrappers = {
         "embeddings": EmbeddingRestPipe,
         "mlm_transform": MlmTransformPipe,
@@ -242,10 +242,11 @@ class PipelineRunner:
     """Pipeline parallelism (ZeRO 0-1): DeepSpeed's pipeline engine runs the micro-batches
     through the stages; the first stage selects tokens, the last one computes the loss."""
 
-    def __init__(self, resolved, select, record):
+    def __init__(self, resolved, select, record, weights: dict | None):
         import deepspeed
 
         from pretrain import distributed
+        from pretrain.trainer import initial_model
 
         run = resolved.run
         self.select = select
@@ -253,12 +254,11 @@ class PipelineRunner:
         self.prediction_width = max_predictions(resolved.manifest.seq_len)  # P, static
         keep_ratio = run.keep_ratio if STRATEGIES[run.token_drop].drops else 1.0
         module, parts, self.stage_shares = build_pipeline(
-            resolved.model,
+            initial_model(resolved, weights),  # the same weights as a data-parallel run
             run.pipeline_stages,
             resolved.manifest.seq_len,
             keep_ratio,
             PipeLoss(record, resolved.model.kernels),
-            run.seed,
         )
         self.stage_layers = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
         parameters = [p for p in module.parameters() if p.requires_grad]

@@ -15,7 +15,7 @@ checkpoints' importance tables) and writes, one colour per run:
                        distribution of its scores over the ids of the train data and, with
                        two checkpoints or more, the first checkpoint's scores against the last's
     index.md           the plots, the summary table, the most dropped and most kept pieces
-                       (decoded with the data's SentencePiece model, with their counts) and
+                       (decoded with the data's tokenizer, with their counts) and
                        the Spearman rank correlation of first and last table
 
 and prints the summary table (strategy, steps, final validation loss, training time, FLOPs,
@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 from data_prep.atomic import TMP_MARK, replace_directory  # noqa: E402
 from data_prep.errors import DataPrepError  # noqa: E402
 from data_prep.manifest import load_manifest  # noqa: E402
+from data_prep.tokenizer import open_tokenizer  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain.checkpoint import CheckpointRef  # noqa: E402
 from pretrain.flops import train_step_flops  # noqa: E402
@@ -184,7 +185,7 @@ class Importance:
     tables: list[np.ndarray]  # [vocab] float32 each
     ids: np.ndarray  # [shown ids]
     counts: np.ndarray | None  # [vocab] counts in the train split
-    pieces: list[str] | None  # [vocab] SentencePiece pieces
+    pieces: list[str] | None  # [vocab] the data tokenizer's tokens
     data_note: str | None  # why counts and pieces are missing
 
 
@@ -218,18 +219,15 @@ class DataUnavailable(Exception):
 def vocabulary_of(run: Run) -> tuple[np.ndarray, list[str], tuple[int, ...]]:
     """(count of each id in the train split, each id's piece, the special ids) from the
     run's DATA_DIR; raises DataUnavailable when it is gone or holds other data."""
-    import sentencepiece
-
     data = run.config["data"]
     try:
         manifest = load_manifest(data["dir"])
         if manifest.sha256 != data["manifest_sha256"]:
             raise DataUnavailable(f"{data['dir']} no longer holds the data this run trained on")
         counts = manifest.token_counts()
-        tokenizer = sentencepiece.SentencePieceProcessor(model_file=manifest.tokenizer_path)
+        pieces = open_tokenizer(manifest.data_dir, manifest.raw["tokenizer"]).vocabulary()
     except (DataPrepError, OSError, RuntimeError) as e:
         raise DataUnavailable(f"the run's data is not readable ({e})") from None
-    pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.get_piece_size())]
     return counts, pieces, manifest.special.all
 
 

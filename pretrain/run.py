@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             state = ref.run_state()
             checkpoint.check_compatible(state, resolved.to_dict(), ref.path)
             checkpoint.prepare_resume(state, resolved.deepspeed, ref.path)
+        elif resolved.init is not None:
+            _say(resolved.init.describe(resolved.model.max_position_embeddings))
     except ConfigError as e:
         _say(f"run.py: error: {e}")
         return 2
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         distributed.init(timeout=timedelta(seconds=resolved.run.collective_timeout))
-        trainer = Trainer(resolved)
+        trainer = Trainer(resolved, initialise=ref is None)
         if distributed.rank() == 0:
             os.makedirs(run.output, exist_ok=True)
             text = json.dumps(resolved.to_dict(), indent=2)

@@ -146,16 +146,27 @@ class StepRunner(Protocol):
         """Full-sequence forward passes; every micro-batch's output goes to ``record``."""
 
 
+def initial_model(resolved: ResolvedRun, weights: dict | None) -> BertForTokenDropPretraining:
+    """The model a run starts with, the same on every rank: initialised from ``--seed``, or
+    holding ``weights`` (``--init-from``; :func:`pretrain.init_from.initial_weights`)."""
+    torch.manual_seed(resolved.run.seed)
+    model = BertForTokenDropPretraining(resolved.model)
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+    return model
+
+
 class DataParallelRunner:
     """Data parallelism (ZeRO 0-3): the whole model on every rank."""
 
-    def __init__(self, resolved: ResolvedRun, select: Selector, record: Recorder):
+    def __init__(
+        self, resolved: ResolvedRun, select: Selector, record: Recorder, weights: dict | None
+    ):
         import deepspeed
 
         self.select, self.record = select, record
         self.device = distributed.device()
-        torch.manual_seed(resolved.run.seed)  # the same initial weights on every rank
-        model = BertForTokenDropPretraining(resolved.model)
+        model = initial_model(resolved, weights)
         if resolved.run.compile:
             # The model's own forward, and with it its backward: one graph per phase
             # (dropping, full sequence; with and without a padding mask), held to fullgraph
@@ -195,7 +206,9 @@ class DataParallelRunner:
 
 
 class Trainer:
-    def __init__(self, resolved: ResolvedRun):
+    def __init__(self, resolved: ResolvedRun, initialise: bool = True):
+        """``initialise``: start from ``--init-from``'s weights and table when the run has
+        one (False when a checkpoint is to be resumed instead)."""
         self.resolved = resolved
         self.cfg = resolved.run
         self.manifest = resolved.manifest
@@ -215,6 +228,13 @@ class Trainer:
             token_counts=self.manifest.token_counts() if strategy.needs_token_counts else None,
             device=self.device,
         )
+        weights = None
+        if resolved.init is not None and initialise:
+            from pretrain.init_from import initial_weights
+
+            weights, table = initial_weights(resolved.init, resolved.model, self.cfg.seed)
+            if table is not None:  # the same file on every rank: the same table
+                self.table.load_state_dict({**self.table.state_dict(), "table": table})
         # K of the dropping phase; None: the dense baseline (no phase drops)
         self.kept_tokens = resolved.kept_tokens if strategy.drops else None
         self.step = 0
@@ -222,9 +242,9 @@ class Trainer:
         if self.cfg.pipeline_stages > 1:
             from pretrain.pipeline import PipelineRunner
 
-            self.runner: StepRunner = PipelineRunner(resolved, self.select, self.record)
+            self.runner: StepRunner = PipelineRunner(resolved, self.select, self.record, weights)
         else:
-            self.runner = DataParallelRunner(resolved, self.select, self.record)
+            self.runner = DataParallelRunner(resolved, self.select, self.record, weights)
         self.engine = self.runner.engine
         torch.manual_seed(seed_of(self.cfg.seed, self.rank))  # dropout differs per rank
 

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         if ref is not None and distributed.rank() == 0:
             print(f"run.py: resumed from {ref.path} at step {trainer.step}", file=sys.stderr)
         code = trainer.train()
+    except ConfigError as e:  # found while reading weights: the same on every rank
+        _say(f"run.py: error: {e}")
+        return 2
     except Exception as e:
         reason = distributed.lost_contact(e)
         if reason is None:

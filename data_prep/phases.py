@@ -34,6 +34,7 @@ from data_prep.manifest import (
     SENTENCEPIECE,
     SpecialTokens,
     build_manifest,
+    file_sha256,
     write_manifest,
 )
 from data_prep.pack import ShardWriter, write_token_counts
@@ -157,11 +158,7 @@ def tokenizer_phase(job: Job, sources: list[Source]) -> tuple[dict, SpecialToken
 def _stored_hashes(folder: str) -> dict[str, str] | None:
     if not os.path.isdir(folder):
         return None
-    files = {}
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            files[name] = f.read()
-    return file_hashes(files)
+    return {name: file_sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
 
 
 def _sentencepiece_model(job: Job, sources: list[Source]) -> bytes:

@@ -374,20 +374,14 @@ def _given_model_fields(name: str) -> dict:
     (with its ``"preset"`` expanded)."""
     if name in PRESETS:
         return dict(PRESETS[name])
-    try:
-        with open(name) as f:
-            data = json.load(f)
-    except FileNotFoundError:
+    if not os.path.isfile(name):
         raise ConfigError(
             f"--model {name}: neither a preset ({', '.join(PRESETS)}) nor a JSON file"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--model {name}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--model {name}: must hold a JSON object")
-    preset = data.pop("preset", None)
-    base = {} if preset is None else dict(PRESETS.get(preset, {}))
-    return {**base, **data}
+        )
+    try:
+        return ModelConfig.json_fields(name)
+    except ValueError as e:
+        raise ConfigError(f"--model {name}: {e}") from None
 
 
 def load_deepspeed_config(run: RunConfig) -> dict:

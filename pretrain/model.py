@@ -118,6 +118,12 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
         """Load a JSON object of ModelConfig fields; an optional ``"preset"`` key is the base."""
+        return cls._from_dict(cls.json_fields(path), where=str(path))
+
+    @staticmethod
+    def json_fields(path: str | Path) -> dict:
+        """The fields a JSON model config states, its ``"preset"`` expanded (unchecked
+        otherwise: :meth:`from_json` builds the config); raises ValueError."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -131,7 +137,7 @@ class ModelConfig:
                     f"{path}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}"
                 )
             data = {**PRESETS[preset], **data}
-        return cls._from_dict(data, where=str(path))
+        return data
 
     @classmethod
     def _from_dict(cls, data: dict, where: str) -> ModelConfig:
